@@ -1,0 +1,5 @@
+"""`python -m llmserve` runs the CLI."""
+
+from llmserve.cli import main
+
+main()

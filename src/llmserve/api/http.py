@@ -1,0 +1,70 @@
+"""HTTP plumbing every dialect shares: lenient JSON bodies, SSE responses, disconnect watching."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
+
+from fastapi import Request, Response
+from fastapi.routing import APIRoute
+from sse_starlette import EventSourceResponse
+
+T = TypeVar("T")
+
+
+class LenientJSONRequest(Request):
+    """A request whose JSON body may hold raw control characters inside strings.
+
+    curl users paste multi-line prompts into `-d '...'` (the InstructLab seed does), which puts
+    raw newlines inside JSON strings; strict JSON forbids them, every popular server accepts them.
+    """
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            self._json = json.loads(await self.body(), strict=False)
+        return self._json
+
+
+class LenientJSONRoute(APIRoute):
+    """An APIRoute that hands its endpoint a LenientJSONRequest."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def lenient_handler(request: Request) -> Response:
+            return await handler(LenientJSONRequest(request.scope, request.receive))
+
+        return lenient_handler
+
+
+def sse_response(lines: AsyncIterator[str]) -> EventSourceResponse:
+    """An unbuffered `text/event-stream` of `data: LINE\\n\\n` events."""
+    return EventSourceResponse(
+        lines,
+        sep="\n",
+        ping=15,
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Run `work`, cancelling it if the client goes away first (frees its engine slot)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+    return await task
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

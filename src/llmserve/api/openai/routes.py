@@ -1,0 +1,71 @@
+"""OpenAI-compatible routes, under /v1 and (as vLLM and llama.cpp offer them) without it."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from llmserve.api.http import LenientJSONRoute, sse_response, unless_disconnected
+from llmserve.api.openai.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+)
+from llmserve.api.openai.serving import OpenAIServing
+
+
+def _serving(request: Request) -> OpenAIServing:
+    serving: OpenAIServing = request.app.state.openai
+    return serving
+
+
+def build_router() -> APIRouter:
+    """Routes of the OpenAI dialect, each registered with and without the /v1 prefix."""
+    router = APIRouter(route_class=LenientJSONRoute, tags=["openai"])
+
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        result = await unless_disconnected(request, _serving(request).completion(body))
+        if isinstance(result, CompletionResponse):
+            return Response(result.model_dump_json(), media_type="application/json")
+        return sse_response(result)
+
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        result = await unless_disconnected(request, _serving(request).chat(body))
+        if isinstance(result, ChatCompletionResponse):
+            return Response(result.model_dump_json(), media_type="application/json")
+        return sse_response(result)
+
+    async def list_models(request: Request) -> ModelList:
+        return _serving(request).list_models()
+
+    async def get_model(model_id: str, request: Request) -> ModelCard:
+        return _serving(request).model_card(model_id)
+
+    for prefix in ("/v1", ""):
+        router.add_api_route(
+            f"{prefix}/completions",
+            completions,
+            methods=["POST"],
+            response_model=CompletionResponse,
+            include_in_schema=bool(prefix),
+        )
+        router.add_api_route(
+            f"{prefix}/chat/completions",
+            chat_completions,
+            methods=["POST"],
+            response_model=ChatCompletionResponse,
+            include_in_schema=bool(prefix),
+        )
+        router.add_api_route(
+            f"{prefix}/models", list_models, methods=["GET"], include_in_schema=bool(prefix)
+        )
+        router.add_api_route(
+            f"{prefix}/models/{{model_id:path}}",
+            get_model,
+            methods=["GET"],
+            include_in_schema=bool(prefix),
+        )
+    return router

@@ -1,0 +1,447 @@
+"""OpenAI requests → GenerationRequests; engine deltas → OpenAI responses and stream chunks."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmserve.api.openai.protocol import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatLogprobs,
+    ChatResponseMessage,
+    ChatTokenLogprob,
+    ChatTopLogprob,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorInfo,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    PromptTokensDetails,
+    UsageInfo,
+    new_id,
+    now,
+)
+from llmserve.core.errors import InvalidRequestError, LLMServeError
+from llmserve.core.request import Delta, GenerationRequest, TokenLogprob, Usage
+from llmserve.core.streams import IndexedDelta, open_streams
+from llmserve.models.manager import LoadedModel, ModelManager
+
+DONE = "[DONE]"
+
+
+def error_body(exc: LLMServeError) -> ErrorResponse:
+    """An LLMServeError in OpenAI's error shape."""
+    return ErrorResponse(
+        error=ErrorInfo(message=exc.message, type=exc.type, param=exc.param, code=exc.code)
+    )
+
+
+def usage_info(usage: Usage) -> UsageInfo:
+    """Engine usage in OpenAI's shape."""
+    return UsageInfo(
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        total_tokens=usage.total_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=usage.cached_tokens),
+    )
+
+
+def add_usage(total: Usage | None, more: Usage | None) -> Usage | None:
+    """Sum the usage of several prompts of one request."""
+    if more is None:
+        return total
+    if total is None:
+        return more
+    return Usage(
+        total.prompt_tokens + more.prompt_tokens,
+        total.completion_tokens + more.completion_tokens,
+        total.cached_tokens + more.cached_tokens,
+    )
+
+
+@dataclass
+class ChoiceState:
+    """What one choice has produced so far (for non-streaming responses)."""
+
+    text: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob | None] = field(default_factory=list)
+    prompt_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+    def add(self, delta: Delta) -> None:
+        """Fold a delta in."""
+        self.text.append(delta.text)
+        self.logprobs.extend(delta.logprobs)
+        if delta.finish_reason is not None:
+            self.finish_reason = str(delta.finish_reason)
+            self.stop_reason = delta.stop_reason
+
+
+class OpenAIServing:
+    """Serves the OpenAI dialect over the model manager."""
+
+    def __init__(self, models: ModelManager):
+        self.models = models
+
+    # ---- models ----
+
+    def list_models(self) -> ModelList:
+        """GET /v1/models."""
+        return ModelList(data=[card for m in self.models.loaded() for card in self._cards(m)])
+
+    def model_card(self, name: str) -> ModelCard:
+        """GET /v1/models/{name}."""
+        model = self.models.get(name)
+        return next(card for card in self._cards(model) if card.id == name)
+
+    @staticmethod
+    def _cards(model: LoadedModel) -> list[ModelCard]:
+        return [
+            ModelCard(
+                id=name,
+                created=model.created,
+                root=model.engine.info.path,
+                parent=None if name == model.id else model.id,
+                max_model_len=model.engine.info.context_length,
+            )
+            for name in model.names
+        ]
+
+    # ---- completions ----
+
+    async def completion(self, body: CompletionRequest) -> CompletionResponse | AsyncIterator[str]:
+        """POST /v1/completions: a response, or an iterator of SSE data lines when streaming."""
+        body.log_unknown_fields("completions")
+        model = self.models.resolve(body.model)
+        prompts = await self._tokenize_prompts(model, body)
+        n = body.n or 1
+        params = body.sampling_params(
+            max_tokens=body.max_tokens,
+            n=n,
+            logprobs=body.logprobs,
+            prompt_logprobs=body.logprobs if body.echo and body.logprobs is not None else None,
+        )
+        request_id = new_id("cmpl")
+        streams = [
+            model.engine.generate(GenerationRequest(f"{request_id}-{i}", ids, params))
+            for i, ids in enumerate(prompts)
+        ]
+        deltas = await open_streams(streams)
+        writer = CompletionWriter(model, body, request_id, prompts, n)
+        if body.stream:
+            return writer.stream(deltas)
+        return await writer.collect(deltas)
+
+    async def _tokenize_prompts(
+        self, model: LoadedModel, body: CompletionRequest
+    ) -> list[list[int]]:
+        prompts = body.prompts()
+        if not prompts:
+            raise InvalidRequestError("prompt must not be empty", param="prompt")
+        out: list[list[int]] = []
+        for prompt in prompts:
+            ids = (
+                await asyncio.to_thread(model.engine.tokenize, prompt, True)
+                if isinstance(prompt, str)
+                else list(prompt)
+            )
+            if not ids:
+                raise InvalidRequestError("prompt must not be empty", param="prompt")
+            out.append(ids)
+        return out
+
+    # ---- chat ----
+
+    async def chat(
+        self, body: ChatCompletionRequest
+    ) -> ChatCompletionResponse | AsyncIterator[str]:
+        """POST /v1/chat/completions: a response, or an iterator of SSE data lines."""
+        body.log_unknown_fields("chat/completions")
+        model = self.models.resolve(body.model)
+        prompt_ids = await asyncio.to_thread(self._chat_prompt, model, body)
+        n = body.n or 1
+        top = (body.top_logprobs or 0) if body.logprobs else None
+        params = body.sampling_params(max_tokens=body.output_limit(), n=n, logprobs=top)
+        request_id = new_id("chatcmpl")
+        deltas = await open_streams(
+            [model.engine.generate(GenerationRequest(request_id, prompt_ids, params))]
+        )
+        writer = ChatWriter(model, body, request_id, n)
+        if body.stream:
+            return writer.stream(deltas)
+        return await writer.collect(deltas)
+
+    @staticmethod
+    def _chat_prompt(model: LoadedModel, body: ChatCompletionRequest) -> list[int]:
+        messages = [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            | ({"name": m.name} if m.name else {})
+            for m in body.messages
+        ]
+        text = model.template.render(
+            messages,
+            add_generation_prompt=body.add_generation_prompt is not False,
+            extra=body.chat_template_kwargs,
+        )
+        bos = model.template.bos_token
+        # The template may already write BOS as text; don't let the tokenizer add a second one.
+        add_special = not (bos and text.startswith(bos))
+        return model.engine.tokenize(text, add_special)
+
+
+def _sse(model: Any) -> str:
+    return model.model_dump_json(exclude_unset=False)
+
+
+class CompletionWriter:
+    """Turns completion deltas into a response or stream chunks."""
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        body: CompletionRequest,
+        request_id: str,
+        prompts: list[list[int]],
+        n: int,
+    ):
+        self.model = model
+        self.body = body
+        self.request_id = request_id
+        self.prompts = prompts
+        self.n = n
+        self.created = now()
+        self.offsets: dict[int, int] = {}
+
+    def _choice_index(self, item: IndexedDelta) -> int:
+        return item.prompt_index * self.n + item.delta.index
+
+    def _echo_text(self, prompt_index: int) -> str:
+        prompt = self.body.prompts()[prompt_index]
+        if isinstance(prompt, str):
+            return prompt
+        return self.model.engine.detokenize(list(prompt))
+
+    def _first_text(self, item: IndexedDelta, index: int) -> str:
+        """The delta's text, preceded by the prompt on a choice's first delta when echoing."""
+        if index in self.offsets or not self.body.echo:
+            return item.delta.text
+        return self._echo_text(item.prompt_index) + item.delta.text
+
+    def _logprobs(
+        self, item: IndexedDelta, index: int, text_start: int
+    ) -> CompletionLogprobs | None:
+        if self.body.logprobs is None:
+            return None
+        out = CompletionLogprobs()
+        offset = text_start
+        prompt = self.prompts[item.prompt_index]
+        if item.delta.prompt_logprobs is not None:
+            for position, entry in enumerate(item.delta.prompt_logprobs):
+                offset = self._append_logprob(out, entry, prompt[position], offset)
+        for entry in item.delta.logprobs:
+            offset = self._append_logprob(out, entry, entry.token_id, offset)
+        return out
+
+    def _append_logprob(
+        self, out: CompletionLogprobs, entry: TokenLogprob | None, token_id: int, offset: int
+    ) -> int:
+        token = entry.token if entry else self.model.engine.detokenize([token_id])
+        out.tokens.append(token)
+        out.text_offset.append(offset)
+        if entry is None:
+            out.token_logprobs.append(None)
+            out.top_logprobs.append(None)
+        else:
+            out.token_logprobs.append(entry.logprob)
+            top = {alt.token: alt.logprob for alt in entry.top}
+            top.setdefault(entry.token, entry.logprob)
+            out.top_logprobs.append(top)
+        return offset + len(token)
+
+    def _choice(self, item: IndexedDelta) -> CompletionChoice:
+        index = self._choice_index(item)
+        text = self._first_text(item, index)
+        start = self.offsets.get(index, 0)
+        logprobs = self._logprobs(item, index, start)
+        self.offsets[index] = start + len(text)
+        d = item.delta
+        return CompletionChoice(
+            index=index,
+            text=text,
+            logprobs=logprobs,
+            finish_reason=str(d.finish_reason) if d.finish_reason else None,
+            stop_reason=d.stop_reason,
+        )
+
+    async def collect(self, deltas: AsyncIterator[IndexedDelta]) -> CompletionResponse:
+        """The whole non-streaming response."""
+        choices: dict[int, CompletionChoice] = {}
+        usage: Usage | None = None
+        async for item in deltas:
+            usage = add_usage(usage, item.delta.usage)
+            part = self._choice(item)
+            choices[part.index] = _merge_completion_choice(choices.get(part.index), part)
+        return CompletionResponse(
+            id=self.request_id,
+            created=self.created,
+            model=self.model.id,
+            choices=[choices[i] for i in sorted(choices)],
+            usage=usage_info(usage or Usage(0, 0)),
+        )
+
+    async def stream(self, deltas: AsyncIterator[IndexedDelta]) -> AsyncIterator[str]:
+        """SSE data lines: a chunk per delta, optionally usage, then [DONE]."""
+        usage: Usage | None = None
+        include_usage = bool(self.body.stream_options and self.body.stream_options.include_usage)
+        async for item in _guard(deltas):
+            if isinstance(item, str):
+                yield item
+                continue
+            usage = add_usage(usage, item.delta.usage)
+            chunk = self._chunk([self._choice(item)])
+            yield _sse(chunk)
+        if include_usage and usage is not None:
+            yield _sse(self._chunk([], usage_info(usage)))
+        yield DONE
+
+    def _chunk(
+        self, choices: list[CompletionChoice], usage: UsageInfo | None = None
+    ) -> CompletionResponse:
+        return CompletionResponse(
+            id=self.request_id,
+            created=self.created,
+            model=self.model.id,
+            choices=choices,
+            usage=usage,
+        )
+
+
+def _merge_completion_choice(
+    old: CompletionChoice | None, new: CompletionChoice
+) -> CompletionChoice:
+    if old is None:
+        return new
+    logprobs = old.logprobs
+    if logprobs is not None and new.logprobs is not None:
+        logprobs.tokens += new.logprobs.tokens
+        logprobs.token_logprobs += new.logprobs.token_logprobs
+        logprobs.top_logprobs += new.logprobs.top_logprobs
+        logprobs.text_offset += new.logprobs.text_offset
+    return CompletionChoice(
+        index=old.index,
+        text=old.text + new.text,
+        logprobs=logprobs,
+        finish_reason=new.finish_reason or old.finish_reason,
+        stop_reason=new.stop_reason if new.finish_reason else old.stop_reason,
+    )
+
+
+class ChatWriter:
+    """Turns chat deltas into a response or stream chunks."""
+
+    def __init__(self, model: LoadedModel, body: ChatCompletionRequest, request_id: str, n: int):
+        self.model = model
+        self.body = body
+        self.request_id = request_id
+        self.n = n
+        self.created = now()
+
+    def _logprobs(self, delta: Delta) -> ChatLogprobs | None:
+        if not self.body.logprobs:
+            return None
+        return ChatLogprobs(content=[_chat_logprob(e) for e in delta.logprobs])
+
+    async def collect(self, deltas: AsyncIterator[IndexedDelta]) -> ChatCompletionResponse:
+        """The whole non-streaming response."""
+        states = {i: ChoiceState() for i in range(self.n)}
+        usage: Usage | None = None
+        async for item in deltas:
+            usage = add_usage(usage, item.delta.usage)
+            states[item.delta.index].add(item.delta)
+        choices = [self._final_choice(i, s) for i, s in states.items()]
+        return ChatCompletionResponse(
+            id=self.request_id,
+            created=self.created,
+            model=self.model.id,
+            choices=choices,
+            usage=usage_info(usage or Usage(0, 0)),
+        )
+
+    def _final_choice(self, index: int, state: ChoiceState) -> ChatChoice:
+        logprobs = None
+        if self.body.logprobs:
+            logprobs = ChatLogprobs(content=[_chat_logprob(e) for e in state.logprobs if e])
+        return ChatChoice(
+            index=index,
+            message=ChatResponseMessage(content="".join(state.text)),
+            logprobs=logprobs,
+            finish_reason=state.finish_reason,
+            stop_reason=state.stop_reason,
+        )
+
+    async def stream(self, deltas: AsyncIterator[IndexedDelta]) -> AsyncIterator[str]:
+        """SSE data lines: role chunk, content chunks, finish chunk, optional usage, [DONE]."""
+        include_usage = bool(self.body.stream_options and self.body.stream_options.include_usage)
+        for index in range(self.n):
+            role = ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))
+            yield _sse(self._chunk([role]))
+        usage: Usage | None = None
+        async for item in _guard(deltas):
+            if isinstance(item, str):
+                yield item
+                continue
+            d = item.delta
+            usage = add_usage(usage, d.usage)
+            choice = ChatChunkChoice(
+                index=d.index,
+                delta=ChatDelta(content=d.text) if d.text or not d.finish_reason else ChatDelta(),
+                logprobs=self._logprobs(d),
+                finish_reason=str(d.finish_reason) if d.finish_reason else None,
+                stop_reason=d.stop_reason,
+            )
+            yield _sse(self._chunk([choice]))
+        if include_usage and usage is not None:
+            yield _sse(self._chunk([], usage=usage_info(usage)))
+        yield DONE
+
+    def _chunk(
+        self, choices: list[ChatChunkChoice], usage: UsageInfo | None = None
+    ) -> ChatCompletionChunk:
+        return ChatCompletionChunk(
+            id=self.request_id,
+            created=self.created,
+            model=self.model.id,
+            choices=choices,
+            usage=usage,
+        )
+
+
+def _chat_logprob(entry: TokenLogprob) -> ChatTokenLogprob:
+    return ChatTokenLogprob(
+        token=entry.token,
+        logprob=entry.logprob,
+        bytes=list(entry.bytes),
+        top_logprobs=[
+            ChatTopLogprob(token=t.token, logprob=t.logprob, bytes=list(t.bytes)) for t in entry.top
+        ],
+    )
+
+
+async def _guard(deltas: AsyncIterator[IndexedDelta]) -> AsyncIterator[IndexedDelta | str]:
+    """Pass deltas through; an error after the stream started becomes a final error event."""
+    try:
+        async for item in deltas:
+            yield item
+    except LLMServeError as exc:
+        yield error_body(exc).model_dump_json()

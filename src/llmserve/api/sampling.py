@@ -1,0 +1,152 @@
+"""Sampler fields shared by the OpenAI-style requests (OpenAI, vLLM and TabbyAPI names)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, TypeVar
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+
+from llmserve.core.errors import InvalidRequestError, UnsupportedSamplerError
+from llmserve.core.params import DrySettings, MirostatMode, SamplingParams
+
+log = logging.getLogger(__name__)
+
+StopField = str | list[str] | None
+T = TypeVar("T")
+
+
+def stop_tuple(stop: StopField) -> tuple[str, ...]:
+    """`stop` as a tuple of non-empty strings."""
+    if stop is None:
+        return ()
+    items = [stop] if isinstance(stop, str) else stop
+    return tuple(s for s in items if s)
+
+
+class SamplerFields(BaseModel):
+    """Sampling fields every OpenAI-style generation request accepts; null means default."""
+
+    # Unknown fields are accepted (clients send vendor extras) and logged at debug level.
+    model_config = ConfigDict(extra="allow")
+
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = Field(None, ge=0, le=1)
+    top_k: int | None = Field(None, ge=-1, description="0 or -1 disables top-k.")
+    min_p: float | None = Field(None, ge=0, le=1)
+    typical_p: float | None = Field(None, gt=0, le=1)
+    top_n_sigma: float | None = Field(None, ge=0)
+    repetition_penalty: float | None = Field(None, gt=0)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    penalty_range: int | None = Field(
+        None, ge=-1, validation_alias=AliasChoices("penalty_range", "repetition_penalty_range")
+    )
+    seed: int | None = None
+    stop: StopField = None
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    ignore_eos: bool | None = False
+    min_tokens: int | None = Field(None, ge=0)
+    logit_bias: dict[str, float] | None = None
+    banned_tokens: list[Annotated[int, Field(ge=0)]] | None = None
+    dry_multiplier: float | None = Field(None, ge=0)
+    dry_base: float | None = Field(None, ge=1)
+    dry_allowed_length: int | None = Field(None, ge=0)
+    dry_range: int | None = Field(None, ge=0)
+    dry_sequence_breakers: list[str] | None = None
+    xtc_probability: float | None = Field(None, ge=0, le=1)
+    xtc_threshold: float | None = Field(None, ge=0, le=1)
+    mirostat_mode: int | None = Field(None, ge=0, le=2)
+    mirostat_tau: float | None = Field(None, ge=0)
+    mirostat_eta: float | None = Field(None, ge=0)
+    # llama.cpp has no top-a or tail-free sampling: accepted only at their neutral values.
+    top_a: float | None = None
+    tfs: float | None = None
+
+    def log_unknown_fields(self, route: str) -> None:
+        """Note ignored vendor extras at debug level."""
+        if self.model_extra:
+            log.debug("%s: ignoring unknown fields %s", route, sorted(self.model_extra))
+
+    def sampling_params(
+        self,
+        *,
+        max_tokens: int | None,
+        n: int,
+        logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
+    ) -> SamplingParams:
+        """Translate into engine SamplingParams; rejects samplers the engine lacks."""
+        _reject_unsupported(self.top_a, "top_a", neutral=0.0)
+        _reject_unsupported(self.tfs, "tfs", neutral=1.0)
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=_or(self.temperature, 1.0),
+            top_p=_or(self.top_p, 1.0),
+            top_k=self.top_k if self.top_k and self.top_k > 0 else None,
+            min_p=_or(self.min_p, 0.0),
+            typical_p=_or(self.typical_p, 1.0),
+            top_n_sigma=self.top_n_sigma,
+            repetition_penalty=_or(self.repetition_penalty, 1.0),
+            presence_penalty=_or(self.presence_penalty, 0.0),
+            frequency_penalty=_or(self.frequency_penalty, 0.0),
+            penalty_range=_penalty_range(self.penalty_range),
+            seed=self.seed,
+            stop=stop_tuple(self.stop),
+            stop_token_ids=tuple(self.stop_token_ids or ()),
+            ignore_eos=bool(self.ignore_eos),
+            min_tokens=_or(self.min_tokens, 0),
+            n=n,
+            logit_bias=_logit_bias(self.logit_bias),
+            banned_token_ids=tuple(self.banned_tokens or ()),
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            dry=self._dry(),
+            xtc_probability=_or(self.xtc_probability, 0.0),
+            xtc_threshold=_or(self.xtc_threshold, 0.1),
+            mirostat=MirostatMode(self.mirostat_mode or 0),
+            mirostat_tau=_or(self.mirostat_tau, 5.0),
+            mirostat_eta=_or(self.mirostat_eta, 0.1),
+        )
+
+    def _dry(self) -> DrySettings | None:
+        if not self.dry_multiplier:
+            return None
+        defaults = DrySettings(multiplier=self.dry_multiplier)
+        return DrySettings(
+            multiplier=self.dry_multiplier,
+            base=_or(self.dry_base, defaults.base),
+            allowed_length=_or(self.dry_allowed_length, defaults.allowed_length),
+            penalty_last_n=self.dry_range or None,
+            sequence_breakers=tuple(self.dry_sequence_breakers or defaults.sequence_breakers),
+        )
+
+
+def _or(value: T | None, default: T) -> T:
+    return default if value is None else value
+
+
+def _penalty_range(value: int | None) -> int:
+    # Clients say -1 for "the whole context"; llama.cpp's sampler takes the same convention.
+    return 64 if value is None else value
+
+
+def _logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
+    out: dict[int, float] = {}
+    for key, value in (bias or {}).items():
+        try:
+            out[int(key)] = value
+        except ValueError:
+            raise InvalidRequestError(
+                f"logit_bias keys must be token ids, got {key!r}", param="logit_bias"
+            ) from None
+    return out
+
+
+def _reject_unsupported(value: float | None, name: str, *, neutral: float) -> None:
+    if value is not None and value != neutral:
+        raise UnsupportedSamplerError(
+            f"sampler `{name}` is not supported by the llama.cpp engine; "
+            f"leave it unset or at {neutral}",
+            param=name,
+        )

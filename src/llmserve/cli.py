@@ -1,0 +1,89 @@
+"""The `llmserve` command: `serve` (default) and `config --example`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any, get_args, get_origin
+
+from pydantic import ValidationError
+
+from llmserve.config import Settings, example_config, load_settings
+
+log = logging.getLogger("llmserve")
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per Settings field, typed from its annotation, help from its description."""
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        kind = field.annotation
+        if kind is bool or kind == bool | None:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=field.description)
+        elif get_origin(kind) is list or list in get_args(kind):
+            parser.add_argument(flag, action="append", help=field.description + " (repeatable)")
+        else:
+            parser.add_argument(flag, help=field.description)
+    parser.add_argument("--config", type=Path, help="config.yml to read settings from.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full command-line parser."""
+    parser = argparse.ArgumentParser(prog="llmserve", description="Serve a GGUF model over HTTP.")
+    commands = parser.add_subparsers(dest="command")
+    _add_setting_flags(commands.add_parser("serve", help="Run the server (the default)."))
+    config = commands.add_parser("config", help="Show configuration.")
+    config.add_argument("--example", action="store_true", help="Print a commented config.yml.")
+    return parser
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    commands = {"serve", "config", "-h", "--help"}
+    if not argv or argv[0] not in commands:
+        argv = ["serve", *argv]
+    return build_parser().parse_args(argv)
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        name: getattr(args, name)
+        for name in Settings.model_fields
+        if getattr(args, name, None) is not None
+    }
+
+
+def serve(settings: Settings) -> None:
+    """Run uvicorn with the app built from `settings` until interrupted."""
+    import uvicorn
+
+    from llmserve.app import create_app
+
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_keep_alive=30,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `llmserve` command."""
+    args = _parse(sys.argv[1:] if argv is None else argv)
+    if args.command == "config":
+        print(example_config() if args.example else load_settings().model_dump_json(indent=2))
+        return
+    try:
+        settings = load_settings(args.config, **_overrides(args))
+    except (ValidationError, FileNotFoundError) as exc:
+        raise SystemExit(f"llmserve: invalid configuration:\n{exc}") from exc
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    serve(settings)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""One settings object: config.yml < environment (LLMSERVE_*) < command-line flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+# A list setting read from the environment as "a,b,c" rather than as JSON.
+StrList = Annotated[list[str], NoDecode]
+
+
+class Settings(BaseSettings):
+    """Everything llmserve can be told; each description is also the --help text and example."""
+
+    model_config = SettingsConfigDict(env_prefix="LLMSERVE_", extra="forbid")
+
+    # Network
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8000, ge=0, le=65535, description="Port to listen on.")
+    cors_origins: StrList = Field(
+        ["*"], description="Origins allowed to call the API from a browser (CORS)."
+    )
+
+    # Model
+    model: str | None = Field(
+        None, description="GGUF file to serve; empty means the bundled SmolLM2-135M-Instruct."
+    )
+    served_model_name: StrList = Field(
+        [], description="Names the model is listed and addressed by (first is its id)."
+    )
+    chat_template: str | None = Field(
+        None, description="Jinja chat template file that overrides the model's own."
+    )
+    strict_model_names: bool = Field(
+        False, description="Answer 404 to a request naming a model that is not loaded."
+    )
+
+    # Engine
+    ctx_size: int | None = Field(
+        None, ge=16, description="Context length per sequence (prompt + output), in tokens."
+    )
+    parallel: int | None = Field(
+        None, ge=1, description="Sequences decoded together; more requests wait in a queue."
+    )
+    prefill_chunk: int = Field(
+        512, ge=16, description="Prompt tokens prefilled per step, between decode steps."
+    )
+    threads: int | None = Field(None, ge=1, description="llama.cpp threads for decoding.")
+    threads_batch: int | None = Field(
+        None, ge=1, description="llama.cpp threads for prompt processing."
+    )
+    max_queue: int | None = Field(
+        None, ge=0, description="Requests allowed to wait for a slot; beyond it: 429."
+    )
+    n_gpu_layers: int = Field(0, ge=0, description="Layers offloaded to a GPU, if built with one.")
+    flash_attn: bool | None = Field(
+        None, description="Use flash attention (empty: llama.cpp's choice)."
+    )
+    use_mmap: bool = Field(True, description="Memory-map the model file.")
+    cache_type_k: str | None = Field(None, description="KV cache type for K (f16, q8_0, ...).")
+    cache_type_v: str | None = Field(None, description="KV cache type for V (f16, q8_0, ...).")
+
+    # Auth
+    api_key: StrList = Field([], description="API keys accepted in addition to api_tokens.yml.")
+    disable_auth: bool = Field(False, description="Serve without any key check (open to anyone).")
+
+    # Logging
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log verbosity."
+    )
+
+    @field_validator("cors_origins", "served_model_name", "api_key", mode="before")
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Flags (passed as init values) beat the environment, which beats config.yml."""
+        return init_settings, env_settings, YamlConfigSettingsSource(settings_cls)
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build Settings from `config_file` (if any), the environment and `overrides` (CLI flags)."""
+    if config_file is None:
+        return Settings(**overrides)
+    if not config_file.is_file():
+        raise FileNotFoundError(f"config file not found: {config_file}")
+
+    class FileSettings(Settings):
+        model_config = SettingsConfigDict(yaml_file=config_file)
+
+    return FileSettings(**overrides)
+
+
+def example_config() -> str:
+    """A commented config.yml listing every setting with its description and default."""
+    lines = ["# llmserve configuration. Environment LLMSERVE_<NAME> and flags override it.", ""]
+    for name, field in Settings.model_fields.items():
+        lines.append(f"# {field.description}")
+        lines.append(yaml.safe_dump({name: field.default}, default_flow_style=False).strip())
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Dialect-neutral building blocks shared by every API and engine."""

@@ -1,0 +1,78 @@
+"""The contract every inference engine fulfils."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from llmserve.core.request import Delta, GenerationRequest
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the API layer needs to know about a loaded model."""
+
+    id: str
+    path: str
+    context_length: int  # per sequence
+    train_context_length: int
+    vocab_size: int
+    bos_token_id: int | None
+    eos_token_id: int | None
+    bos_token: str
+    eos_token: str
+    eog_token_ids: frozenset[int]
+    chat_template: str | None  # Jinja source from the GGUF metadata, if any
+    add_bos: bool  # the tokenizer adds BOS by itself
+    n_params: int
+    size_bytes: int
+    description: str  # llama.cpp's one-line model description (arch, size, quantization)
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the scheduler, for tests and /metrics."""
+
+    running: int
+    waiting: int
+    free_slots: int
+    total_slots: int
+    kv_cells_used: int
+    kv_cells_total: int
+    prompt_tokens_total: int
+    cached_prompt_tokens_total: int
+    generated_tokens_total: int
+    steps_total: int
+    alive: bool
+    error: str | None = None
+
+
+class Engine(Protocol):
+    """Runs generation requests for one loaded model."""
+
+    info: ModelInfo
+
+    def generate(self, req: GenerationRequest) -> AsyncIterator[Delta]:
+        """Stream deltas for `req`; closing the iterator early aborts the request."""
+        ...
+
+    def tokenize(self, text: str, add_special: bool) -> list[int]:
+        """Text to token ids; special-token text (e.g. `<|im_end|>`) is parsed as such."""
+        ...
+
+    def detokenize(self, ids: list[int]) -> str:
+        """Token ids back to text."""
+        ...
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request at the next step; its stream ends with FinishReason.ABORT."""
+        ...
+
+    def stats(self) -> EngineStats:
+        """Current scheduler state and counters."""
+        ...
+
+    async def close(self) -> None:
+        """Abort everything, stop the engine thread and free llama.cpp resources."""
+        ...
