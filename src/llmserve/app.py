@@ -7,7 +7,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
@@ -17,6 +17,7 @@ from llmserve import __version__
 from llmserve.api import ops
 from llmserve.api.openai import routes as openai_routes
 from llmserve.api.openai.serving import OpenAIServing, error_body
+from llmserve.auth import KeyStore, require_api
 from llmserve.config import Settings
 from llmserve.core.errors import InvalidRequestError, LLMServeError, NotFoundError
 from llmserve.models.manager import ModelManager
@@ -27,9 +28,11 @@ log = logging.getLogger(__name__)
 def create_app(settings: Settings, models: ModelManager | None = None) -> FastAPI:
     """The whole server; with `models` given (already holding a model) nothing is loaded."""
     manager = models or ModelManager(settings)
+    keys = KeyStore(settings.tokens_path(), settings.api_key, settings.disable_auth)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        keys.ensure_file()
         loading = None
         if not manager.loaded():
             # Load in the background so /health can answer 503 while the model loads.
@@ -42,6 +45,7 @@ def create_app(settings: Settings, models: ModelManager | None = None) -> FastAP
     app = FastAPI(title="llmserve", version=__version__, lifespan=lifespan)
     app.state.settings = settings
     app.state.models = manager
+    app.state.keys = keys
     app.state.openai = OpenAIServing(manager)
     app.add_middleware(
         CORSMiddleware,
@@ -52,7 +56,7 @@ def create_app(settings: Settings, models: ModelManager | None = None) -> FastAP
     )
     _install_error_handlers(app)
     app.include_router(ops.build_router())
-    app.include_router(openai_routes.build_router())
+    app.include_router(openai_routes.build_router(), dependencies=[Depends(require_api)])
     return app
 
 

@@ -36,11 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_setting_flags(commands.add_parser("serve", help="Run the server (the default)."))
     config = commands.add_parser("config", help="Show configuration.")
     config.add_argument("--example", action="store_true", help="Print a commented config.yml.")
+    keys = commands.add_parser("keys", help="Print the API and admin keys of api_tokens.yml.")
+    keys.add_argument("--config", type=Path, help="config.yml whose api_tokens.yml to read.")
+    keys.add_argument("--api-tokens-file", type=Path, help="The api_tokens.yml to read.")
     return parser
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
-    commands = {"serve", "config", "-h", "--help"}
+    commands = {"serve", "config", "keys", "-h", "--help"}
     if not argv or argv[0] not in commands:
         argv = ["serve", *argv]
     return build_parser().parse_args(argv)
@@ -52,6 +55,16 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         for name in Settings.model_fields
         if getattr(args, name, None) is not None
     }
+
+
+def print_keys(args: argparse.Namespace) -> None:
+    """`llmserve keys`: show the keys of api_tokens.yml (the console never logs them)."""
+    overrides = {"api_tokens_file": args.api_tokens_file} if args.api_tokens_file else {}
+    path = load_settings(args.config, **overrides).tokens_path()
+    if not path.is_file():
+        raise SystemExit(f"llmserve: {path} does not exist yet; start the server once to create it")
+    print(f"# {path}")
+    print(path.read_text(encoding="utf-8"), end="")
 
 
 def serve(settings: Settings) -> None:
@@ -74,6 +87,9 @@ def main(argv: list[str] | None = None) -> None:
     args = _parse(sys.argv[1:] if argv is None else argv)
     if args.command == "config":
         print(example_config() if args.example else load_settings().model_dump_json(indent=2))
+        return
+    if args.command == "keys":
+        print_keys(args)
         return
     try:
         settings = load_settings(args.config, **_overrides(args))

@@ -71,6 +71,11 @@ class Settings(BaseSettings):
     cache_type_v: str | None = Field(None, description="KV cache type for V (f16, q8_0, ...).")
 
     # Auth
+    api_tokens_file: Path | None = Field(
+        None,
+        description="api_tokens.yml holding api_key and admin_key; default: beside config.yml, "
+        "or ./api_tokens.yml. Created with random keys when missing.",
+    )
     api_key: StrList = Field([], description="API keys accepted in addition to api_tokens.yml.")
     disable_auth: bool = Field(False, description="Serve without any key check (open to anyone).")
 
@@ -85,6 +90,10 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
+
+    def tokens_path(self) -> Path:
+        """Where api_tokens.yml lives."""
+        return self.api_tokens_file or Path("api_tokens.yml")
 
     @classmethod
     def settings_customise_sources(
@@ -103,6 +112,7 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     """Build Settings from `config_file` (if any), the environment and `overrides` (CLI flags)."""
     if config_file is None:
         return Settings(**overrides)
+    overrides.setdefault("api_tokens_file", config_file.parent / "api_tokens.yml")
     if not config_file.is_file():
         raise FileNotFoundError(f"config file not found: {config_file}")
 

@@ -1,16 +1,32 @@
-"""Operational routes: /health."""
+"""Operational routes: /health (always open) and /v1/auth/permission."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from typing import Annotated
 
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from llmserve.auth import Permission, require_api
 from llmserve.models.manager import ModelManager
+
+Granted = Annotated[Permission, Depends(require_api)]
+
+
+class PermissionResponse(BaseModel):
+    """Which permission the presented key has."""
+
+    permission: str
 
 
 def build_router() -> APIRouter:
     """/health: 200 when a model serves, 503 while loading or after an engine failure."""
     router = APIRouter(tags=["ops"])
+
+    @router.get("/v1/auth/permission")
+    async def permission(granted: Granted) -> PermissionResponse:
+        return PermissionResponse(permission=granted.name.lower())
 
     @router.get("/health")
     async def health(request: Request) -> JSONResponse:
