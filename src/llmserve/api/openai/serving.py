@@ -7,6 +7,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from fastapi.responses import JSONResponse
+
+from llmserve.api.errors import retry_headers
 from llmserve.api.openai.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -43,6 +46,13 @@ def error_body(exc: LLMServeError) -> ErrorResponse:
     """An LLMServeError in OpenAI's error shape."""
     return ErrorResponse(
         error=ErrorInfo(message=exc.message, type=exc.type, param=exc.param, code=exc.code)
+    )
+
+
+def openai_error_response(exc: LLMServeError) -> JSONResponse:
+    """An error as an OpenAI JSON response with its status (and Retry-After when useful)."""
+    return JSONResponse(
+        error_body(exc).model_dump(), status_code=exc.status, headers=retry_headers(exc)
     )
 
 
