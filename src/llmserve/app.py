@@ -15,6 +15,7 @@ from llmserve.api import ops
 from llmserve.api.errors import install_error_handlers
 from llmserve.api.openai import routes as openai_routes
 from llmserve.api.openai.serving import OpenAIServing, openai_error_response
+from llmserve.api.sampling import SamplingOverrides
 from llmserve.auth import KeyStore, require_api
 from llmserve.config import Settings
 from llmserve.models.manager import ModelManager
@@ -43,7 +44,8 @@ def create_app(settings: Settings, models: ModelManager | None = None) -> FastAP
     app.state.settings = settings
     app.state.models = manager
     app.state.keys = keys
-    app.state.openai = OpenAIServing(manager)
+    app.state.overrides = SamplingOverrides()
+    app.state.openai = OpenAIServing(manager, app.state.overrides)
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.cors_origins,

