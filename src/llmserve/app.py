@@ -12,10 +12,16 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from llmserve import __version__
 from llmserve.api import ops
+from llmserve.api.admin import routes as admin_routes
+from llmserve.api.admin.serving import AdminServing
 from llmserve.api.errors import install_error_handlers
+from llmserve.api.kobold import routes as kobold_routes
+from llmserve.api.kobold.serving import KoboldServing, kobold_error_response
 from llmserve.api.openai import routes as openai_routes
 from llmserve.api.openai.serving import OpenAIServing, openai_error_response
-from llmserve.api.sampling import SamplingOverrides
+from llmserve.api.overrides import SamplingOverrides
+from llmserve.api.together import routes as together_routes
+from llmserve.api.together.serving import TogetherServing, together_error_response
 from llmserve.auth import KeyStore, require_api
 from llmserve.config import Settings
 from llmserve.models.manager import ModelManager
@@ -46,6 +52,10 @@ def create_app(settings: Settings, models: ModelManager | None = None) -> FastAP
     app.state.keys = keys
     app.state.overrides = SamplingOverrides()
     app.state.openai = OpenAIServing(manager, app.state.overrides)
+    app.state.admin = AdminServing(settings, manager, app.state.overrides)
+    kobold_protected = settings.kobold_auth and not settings.disable_auth
+    app.state.kobold = KoboldServing(manager, protected=kobold_protected)
+    app.state.together = TogetherServing(manager)
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.cors_origins,
@@ -53,9 +63,22 @@ def create_app(settings: Settings, models: ModelManager | None = None) -> FastAP
         allow_headers=["*"],
         allow_credentials=False,
     )
-    install_error_handlers(app, dialects=(), default=openai_error_response)
+    install_error_handlers(
+        app,
+        # Together's /api/inference before Kobold's /api/: the first matching prefix wins.
+        dialects=(
+            (("/inference", "/api/inference"), together_error_response),
+            (("/api/",), kobold_error_response),
+        ),
+        default=openai_error_response,
+    )
     app.include_router(ops.build_router())
+    app.include_router(admin_routes.build_info_router())
+    if settings.admin_api:
+        app.include_router(admin_routes.build_admin_router())
     app.include_router(openai_routes.build_router(), dependencies=[Depends(require_api)])
+    app.include_router(kobold_routes.build_router(require_key=settings.kobold_auth))
+    app.include_router(together_routes.build_router(), dependencies=[Depends(require_api)])
     return app
 
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, TypeVar
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from llmserve.core.errors import InvalidRequestError, UnsupportedSamplerError
 from llmserve.core.params import DrySettings, MirostatMode, SamplingParams
@@ -14,7 +14,6 @@ log = logging.getLogger(__name__)
 
 StopField = str | list[str] | None
 T = TypeVar("T")
-S = TypeVar("S", bound="SamplerFields")
 
 
 def stop_tuple(stop: StopField) -> tuple[str, ...]:
@@ -151,42 +150,3 @@ def _reject_unsupported(value: float | None, name: str, *, neutral: float) -> No
             f"leave it unset or at {neutral}",
             param=name,
         )
-
-
-class OverrideValue(BaseModel):
-    """One preset entry: a value that is a default requests may change, or forced."""
-
-    override: Any
-    force: bool = False
-
-
-class SamplingOverrides:
-    """The sampling preset in force (TabbyAPI's "sampler overrides"), held on app.state."""
-
-    def __init__(self) -> None:
-        self.preset: str | None = None
-        self.values: dict[str, OverrideValue] = {}
-
-    def set(self, preset: str | None, values: dict[str, OverrideValue]) -> None:
-        """Validate and switch to `values`; unknown sampler names or bad values are a 400."""
-        unknown = sorted(set(values) - set(SamplerFields.model_fields))
-        if unknown:
-            raise InvalidRequestError(f"unknown sampler overrides: {unknown}", param="overrides")
-        try:
-            SamplerFields.model_validate({k: v.override for k, v in values.items()})
-        except ValidationError as exc:
-            raise InvalidRequestError(f"invalid override: {exc}", param="overrides") from None
-        self.preset, self.values = preset, dict(values)
-
-    def clear(self) -> None:
-        """Back to plain request values."""
-        self.preset, self.values = None, {}
-
-    def apply(self, body: S) -> S:
-        """`body` with preset values filled in where unset, and forced ones always."""
-        update = {
-            name: value.override
-            for name, value in self.values.items()
-            if value.force or getattr(body, name, None) is None
-        }
-        return body.model_copy(update=update) if update else body

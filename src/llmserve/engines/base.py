@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -48,6 +48,14 @@ class EngineStats:
     error: str | None = None
 
 
+@dataclass(frozen=True)
+class AdapterSpec:
+    """A LoRA adapter file and the scale to apply it at."""
+
+    path: str
+    scale: float = 1.0
+
+
 class Engine(Protocol):
     """Runs generation requests for one loaded model."""
 
@@ -71,6 +79,10 @@ class Engine(Protocol):
 
     def stats(self) -> EngineStats:
         """Current scheduler state and counters."""
+        ...
+
+    async def set_adapters(self, adapters: Sequence[AdapterSpec]) -> None:
+        """Apply exactly these LoRA adapters from the next step on (empty: none)."""
         ...
 
     async def close(self) -> None:

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from llmserve.config import Settings
 from llmserve.core.errors import ModelNotFoundError, ServiceUnavailableError
@@ -64,6 +64,20 @@ class LoadedModel:
     def names(self) -> tuple[str, ...]:
         """Every name this model answers to."""
         return (self.id, *self.aliases)
+
+    def chat_prompt(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        extra: dict[str, Any] | None = None,
+    ) -> list[int]:
+        """Render `messages` with the chat template and tokenize the result."""
+        text = self.template.render(
+            messages, add_generation_prompt=add_generation_prompt, extra=extra
+        )
+        bos = self.template.bos_token
+        # The template may already write BOS as text; don't let the tokenizer add a second one.
+        return self.engine.tokenize(text, not (bos and text.startswith(bos)))
 
 
 class ModelManager:

@@ -34,12 +34,12 @@ def resolve_file(root: Path, name: str, suffixes: tuple[str, ...], what: str) ->
         raise InvalidRequestError(
             f"{what} names are plain names inside {root}, got {name!r}", param="name"
         )
-    base = root.resolve()
+    # The name check above keeps lookups inside `root`; symlinks placed there by the admin are
+    # followed on purpose (models often live elsewhere on disk).
     for candidate in [root / name, *(root / f"{name}{suffix}" for suffix in suffixes)]:
-        resolved = candidate.resolve()
-        if resolved.is_file() and resolved.is_relative_to(base) and resolved.suffix in suffixes:
-            return resolved
+        if candidate.is_file() and candidate.suffix in suffixes:
+            return candidate.absolute()
     for entry in list_files(root, suffixes):
         if entry.name == name:
-            return entry.path.resolve()
+            return entry.path.absolute()
     raise NotFoundError(f"no {what} called {name!r} in {root}", param="name")

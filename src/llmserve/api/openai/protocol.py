@@ -44,7 +44,7 @@ class CompletionRequest(SamplerFields):
     model: str | None = None
     prompt: str | list[str] | TokenIds | list[TokenIds]
     suffix: str | None = None
-    max_tokens: int | None = Field(16, ge=0)
+    max_tokens: int | None = Field(None, ge=1)
     n: int | None = Field(1, ge=1, le=128)
     best_of: int | None = Field(None, ge=1)
     stream: bool | None = False
@@ -112,8 +112,8 @@ class ChatCompletionRequest(SamplerFields):
 
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=0)
-    max_completion_tokens: int | None = Field(None, ge=0)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
     n: int | None = Field(1, ge=1, le=128)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -288,6 +288,7 @@ class ModelCard(BaseModel):
     root: str | None = None
     parent: str | None = None
     max_model_len: int | None = None
+    loaded: bool | None = None  # only in the admin listing, which includes unloaded files
 
 
 class ModelList(BaseModel):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from llmserve.api.http import LenientJSONRoute, sse_response, unless_disconnected
@@ -15,6 +17,9 @@ from llmserve.api.openai.protocol import (
     ModelList,
 )
 from llmserve.api.openai.serving import OpenAIServing
+from llmserve.auth import Permission, require_api
+
+Granted = Annotated[Permission, Depends(require_api)]
 
 
 def _serving(request: Request) -> OpenAIServing:
@@ -38,8 +43,8 @@ def build_router() -> APIRouter:
             return Response(result.model_dump_json(), media_type="application/json")
         return sse_response(result)
 
-    async def list_models(request: Request) -> ModelList:
-        return _serving(request).list_models()
+    async def list_models(request: Request, granted: Granted) -> ModelList:
+        return _serving(request).list_models(include_available=granted >= Permission.ADMIN)
 
     async def get_model(model_id: str, request: Request) -> ModelCard:
         return _serving(request).model_card(model_id)

@@ -34,7 +34,7 @@ from llmserve.api.openai.protocol import (
     new_id,
     now,
 )
-from llmserve.api.sampling import SamplingOverrides
+from llmserve.api.overrides import SamplingOverrides
 from llmserve.core.errors import InvalidRequestError, LLMServeError
 from llmserve.core.request import Delta, GenerationRequest, TokenLogprob, Usage
 from llmserve.core.streams import IndexedDelta, open_streams
@@ -108,9 +108,19 @@ class OpenAIServing:
 
     # ---- models ----
 
-    def list_models(self) -> ModelList:
-        """GET /v1/models."""
-        return ModelList(data=[card for m in self.models.loaded() for card in self._cards(m)])
+    def list_models(self, include_available: bool = False) -> ModelList:
+        """GET /v1/models: loaded models; for the admin key also every file in the models folder."""
+        cards = [card for m in self.models.loaded() for card in self._cards(m)]
+        if include_available:
+            for card in cards:
+                card.loaded = True
+            listed = {card.id for card in cards}
+            cards += [
+                ModelCard(id=entry.name, created=int(entry.path.stat().st_mtime), loaded=False)
+                for entry in self.models.available()
+                if entry.name not in listed
+            ]
+        return ModelList(data=cards)
 
     def model_card(self, name: str) -> ModelCard:
         """GET /v1/models/{name}."""
@@ -203,15 +213,9 @@ class OpenAIServing:
             | ({"name": m.name} if m.name else {})
             for m in body.messages
         ]
-        text = model.template.render(
-            messages,
-            add_generation_prompt=body.add_generation_prompt is not False,
-            extra=body.chat_template_kwargs,
+        return model.chat_prompt(
+            messages, body.add_generation_prompt is not False, body.chat_template_kwargs
         )
-        bos = model.template.bos_token
-        # The template may already write BOS as text; don't let the tokenizer add a second one.
-        add_special = not (bos and text.startswith(bos))
-        return model.engine.tokenize(text, add_special)
 
 
 def _sse(model: Any) -> str:

@@ -1,0 +1,190 @@
+"""Pydantic models of the management API (TabbyAPI's shapes) and the vLLM token routes."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from llmserve.api.openai.protocol import ChatMessage
+from llmserve.api.overrides import OverrideValue
+
+
+class ModelLoadRequest(BaseModel):
+    """POST /v1/model/load."""
+
+    model_name: str = Field(min_length=1)
+    max_seq_len: int | None = Field(None, ge=16, description="Context per sequence.")
+    parallel: int | None = Field(None, ge=1, le=256)
+    n_gpu_layers: int | None = Field(None, ge=0)
+    flash_attn: bool | None = None
+    cache_type_k: str | None = None
+    cache_type_v: str | None = None
+    use_mmap: bool | None = None
+    stream: bool = False
+
+
+class ModelLoadProgress(BaseModel):
+    """One progress event of a streamed model load."""
+
+    model_type: Literal["model"] = "model"
+    module: int
+    modules: int
+    stage: str
+    progress: float
+    status: Literal["processing", "finished"]
+
+
+class ModelCardDetails(BaseModel):
+    """GET /v1/model: the loaded model in detail."""
+
+    id: str
+    object: Literal["model"] = "model"
+    aliases: list[str]
+    path: str
+    context_length: int
+    train_context_length: int
+    parameters: int
+    size_bytes: int
+    quantization: str
+    description: str
+    chat_template_source: str
+    loaded: bool = True
+
+
+class StatusResponse(BaseModel):
+    """A management action's outcome."""
+
+    status: str
+    detail: str | None = None
+
+
+class LoraSpec(BaseModel):
+    """One adapter to apply and its strength."""
+
+    name: str = Field(min_length=1)
+    scaling: float = 1.0
+
+
+class LoraLoadRequest(BaseModel):
+    """POST /v1/lora/load."""
+
+    loras: list[LoraSpec] = Field(min_length=1)
+
+
+class LoraCard(BaseModel):
+    """An entry of GET /v1/loras."""
+
+    id: str
+    object: Literal["lora"] = "lora"
+    scaling: float | None = None
+    active: bool
+
+
+class LoraList(BaseModel):
+    """GET /v1/loras."""
+
+    object: Literal["list"] = "list"
+    data: list[LoraCard]
+
+
+class OverrideSwitchRequest(BaseModel):
+    """POST /v1/sampling/override/switch: a preset by name, or inline overrides."""
+
+    preset: str | None = None
+    overrides: dict[str, OverrideValue] | None = None
+
+
+class OverrideList(BaseModel):
+    """GET /v1/sampling/overrides."""
+
+    selected_preset: str | None
+    presets: list[str]
+    overrides: dict[str, OverrideValue]
+
+
+class TemplateSwitchRequest(BaseModel):
+    """POST /v1/template/switch."""
+
+    name: str = Field(min_length=1)
+
+
+class TemplateList(BaseModel):
+    """GET /v1/templates."""
+
+    object: Literal["list"] = "list"
+    data: list[str]
+    active: str
+
+
+class TokenEncodeRequest(BaseModel):
+    """POST /v1/token/encode (TabbyAPI): text or chat messages."""
+
+    text: str | list[ChatMessage]
+    add_bos_token: bool = True
+    encode_special_tokens: bool = True
+
+
+class TokenEncodeResponse(BaseModel):
+    """Token ids and their count."""
+
+    tokens: list[int]
+    length: int
+
+
+class TokenDecodeRequest(BaseModel):
+    """POST /v1/token/decode (TabbyAPI)."""
+
+    tokens: list[int]
+
+
+class TokenDecodeResponse(BaseModel):
+    """The decoded text."""
+
+    text: str
+
+
+class TokenizeRequest(BaseModel):
+    """POST /tokenize (vLLM): a prompt or chat messages."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+class TokenizeResponse(BaseModel):
+    """vLLM's tokenize answer."""
+
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+class DetokenizeRequest(BaseModel):
+    """POST /detokenize (vLLM)."""
+
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    """vLLM's detokenize answer."""
+
+    prompt: str
+
+
+class TokenizerInfo(BaseModel):
+    """GET /tokenizer_info: what lm-eval's remote tokenizer reads."""
+
+    tokenizer_class: str = "llama.cpp"
+    model: str
+    bos_token: str
+    eos_token: str
+    bos_token_id: int | None
+    eos_token_id: int | None
+    chat_template: str
+    model_max_length: int
+    vocab_size: int
+    extra: dict[str, Any] = {}

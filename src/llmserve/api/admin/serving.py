@@ -1,0 +1,319 @@
+"""The management API: models, LoRA adapters, sampling presets, chat templates, tokens."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from llmserve.api.admin.protocol import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    LoraCard,
+    LoraList,
+    LoraLoadRequest,
+    ModelCardDetails,
+    ModelLoadProgress,
+    ModelLoadRequest,
+    OverrideList,
+    OverrideSwitchRequest,
+    StatusResponse,
+    TemplateList,
+    TokenDecodeRequest,
+    TokenDecodeResponse,
+    TokenEncodeRequest,
+    TokenEncodeResponse,
+    TokenizeRequest,
+    TokenizeResponse,
+    TokenizerInfo,
+)
+from llmserve.api.openai.protocol import ChatMessage
+from llmserve.api.overrides import OverrideValue, SamplingOverrides
+from llmserve.config import Settings
+from llmserve.core.errors import InvalidRequestError, LLMServeError
+from llmserve.engines.base import AdapterSpec
+from llmserve.models.manager import LoadedModel, LoadOptions, ModelManager
+from llmserve.models.registry import list_files, resolve_file
+
+TEMPLATE_SUFFIXES = (".jinja", ".j2", ".txt")
+PRESET_SUFFIXES = (".yml", ".yaml")
+LOAD_STAGES = ("validating", "loading", "ready")
+
+
+@dataclass
+class ActiveLoras:
+    """The adapters applied now, by name, with their scale."""
+
+    scales: dict[str, float] = field(default_factory=dict)
+
+
+class AdminServing:
+    """Implements every management route over the model manager and the app's holders."""
+
+    def __init__(self, settings: Settings, models: ModelManager, overrides: SamplingOverrides):
+        self.settings = settings
+        self.models = models
+        self.overrides = overrides
+        self.loras = ActiveLoras()
+
+    # ---- models ----
+
+    def model_card(self) -> ModelCardDetails:
+        """The loaded model's card."""
+        model = self.models.resolve(None)
+        info = model.engine.info
+        return ModelCardDetails(
+            id=model.id,
+            aliases=list(model.aliases),
+            path=info.path,
+            context_length=info.context_length,
+            train_context_length=info.train_context_length,
+            parameters=info.n_params,
+            size_bytes=info.size_bytes,
+            quantization=_quantization(info.description),
+            description=info.description,
+            chat_template_source=model.template.origin,
+        )
+
+    async def load_model(self, body: ModelLoadRequest) -> StatusResponse:
+        """Load and swap in a model; the previous one serves until the new one is ready."""
+        await self.models.load_named(body.model_name, _load_options(body))
+        self.loras.scales.clear()
+        return StatusResponse(status="loaded", detail=body.model_name)
+
+    async def load_model_stream(self, body: ModelLoadRequest) -> AsyncIterator[str]:
+        """Progress events (`stage`, `progress`) as the load advances; errors raise before any."""
+        queue: asyncio.Queue[ModelLoadProgress] = asyncio.Queue()
+
+        def report(stage: str, fraction: float) -> None:
+            module = LOAD_STAGES.index(stage) + 1 if stage in LOAD_STAGES else 0
+            status = "finished" if stage == "ready" else "processing"
+            queue.put_nowait(
+                ModelLoadProgress(
+                    module=module,
+                    modules=len(LOAD_STAGES),
+                    stage=stage,
+                    progress=fraction,
+                    status=status,
+                )
+            )
+
+        task = asyncio.create_task(
+            self.models.load_named(body.model_name, _load_options(body), report)
+        )
+        first = await _next_event(queue, task)  # a bad name or file fails here, as a 4xx
+        return _progress_events(first, queue, task)
+
+    async def unload_model(self) -> StatusResponse:
+        """Stop serving the loaded model(s)."""
+        unloaded = await self.models.unload()
+        self.loras.scales.clear()
+        return StatusResponse(status="unloaded", detail=", ".join(unloaded) or None)
+
+    # ---- LoRA ----
+
+    def list_loras(self, admin: bool) -> LoraList:
+        """Active adapters; with the admin key, every adapter in the folder."""
+        names = [e.name for e in list_files(self.settings.loras_dir, (".gguf",))] if admin else []
+        names += [n for n in self.loras.scales if n not in names]
+        return LoraList(
+            data=[
+                LoraCard(id=n, scaling=self.loras.scales.get(n), active=n in self.loras.scales)
+                for n in names
+            ]
+        )
+
+    async def load_loras(self, body: LoraLoadRequest) -> StatusResponse:
+        """Apply these adapters (added to the active ones, same name replaces)."""
+        scales = {**self.loras.scales, **{lora.name: lora.scaling for lora in body.loras}}
+        await self._apply_loras(scales)
+        return StatusResponse(status="loaded", detail=", ".join(sorted(scales)))
+
+    async def unload_loras(self) -> StatusResponse:
+        """Remove every adapter."""
+        await self._apply_loras({})
+        return StatusResponse(status="unloaded")
+
+    async def _apply_loras(self, scales: dict[str, float]) -> None:
+        specs = [
+            AdapterSpec(str(resolve_file(self.settings.loras_dir, name, (".gguf",), "LoRA")), scale)
+            for name, scale in scales.items()
+        ]
+        await self.models.resolve(None).engine.set_adapters(specs)
+        self.loras.scales = dict(scales)
+
+    # ---- sampling presets ----
+
+    def list_overrides(self) -> OverrideList:
+        """Presets in the folder and the overrides in force."""
+        presets = [e.name for e in list_files(self.settings.sampler_overrides_dir, PRESET_SUFFIXES)]
+        return OverrideList(
+            selected_preset=self.overrides.preset, presets=presets, overrides=self.overrides.values
+        )
+
+    def switch_overrides(self, body: OverrideSwitchRequest) -> StatusResponse:
+        """Switch to a preset file or to inline overrides."""
+        if body.preset is not None:
+            path = resolve_file(
+                self.settings.sampler_overrides_dir, body.preset, PRESET_SUFFIXES, "preset"
+            )
+            self.overrides.set(body.preset, _read_preset(path))
+        elif body.overrides is not None:
+            self.overrides.set(None, body.overrides)
+        else:
+            raise InvalidRequestError("give `preset` or `overrides`", param="preset")
+        return StatusResponse(status="switched", detail=body.preset)
+
+    def unload_overrides(self) -> StatusResponse:
+        """Back to plain request values."""
+        self.overrides.clear()
+        return StatusResponse(status="unloaded")
+
+    # ---- chat templates ----
+
+    def list_templates(self) -> TemplateList:
+        """Templates in the folder and the one in force."""
+        names = [e.name for e in list_files(self.settings.templates_dir, TEMPLATE_SUFFIXES)]
+        return TemplateList(data=names, active=self.models.resolve(None).template.origin)
+
+    def switch_template(self, name: str) -> StatusResponse:
+        """Render chats with a template from the folder."""
+        path = resolve_file(self.settings.templates_dir, name, TEMPLATE_SUFFIXES, "template")
+        self.models.set_template(path.read_text(encoding="utf-8"), f"file:{path.name}")
+        return StatusResponse(status="switched", detail=name)
+
+    def unload_template(self) -> StatusResponse:
+        """Back to each model's own template."""
+        self.models.set_template(None, "gguf")
+        return StatusResponse(status="unloaded")
+
+    # ---- tokens ----
+
+    async def encode(self, body: TokenEncodeRequest) -> TokenEncodeResponse:
+        """TabbyAPI's encode: text, or messages rendered through the chat template."""
+        model = self.models.resolve(None)
+        if isinstance(body.text, str):
+            ids = await asyncio.to_thread(model.engine.tokenize, body.text, body.add_bos_token)
+        else:
+            ids = await asyncio.to_thread(_chat_ids, model, body.text, True)
+        return TokenEncodeResponse(tokens=ids, length=len(ids))
+
+    def decode(self, body: TokenDecodeRequest) -> TokenDecodeResponse:
+        """TabbyAPI's decode."""
+        model = self.models.resolve(None)
+        return TokenDecodeResponse(text=model.engine.detokenize(_checked_ids(model, body.tokens)))
+
+    async def tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
+        """vLLM's /tokenize."""
+        model = await self.models.acquire(body.model)
+        if body.messages is not None:
+            ids = await asyncio.to_thread(
+                _chat_ids, model, body.messages, body.add_generation_prompt
+            )
+        elif body.prompt is not None:
+            ids = await asyncio.to_thread(
+                model.engine.tokenize, body.prompt, body.add_special_tokens
+            )
+        else:
+            raise InvalidRequestError("give `prompt` or `messages`", param="prompt")
+        return TokenizeResponse(
+            tokens=ids, count=len(ids), max_model_len=model.engine.info.context_length
+        )
+
+    async def detokenize(self, body: DetokenizeRequest) -> DetokenizeResponse:
+        """vLLM's /detokenize."""
+        model = await self.models.acquire(body.model)
+        return DetokenizeResponse(prompt=model.engine.detokenize(_checked_ids(model, body.tokens)))
+
+    def tokenizer_info(self) -> TokenizerInfo:
+        """What a remote tokenizer client needs."""
+        model = self.models.resolve(None)
+        info = model.engine.info
+        return TokenizerInfo(
+            model=model.id,
+            bos_token=info.bos_token,
+            eos_token=info.eos_token,
+            bos_token_id=info.bos_token_id,
+            eos_token_id=info.eos_token_id,
+            chat_template=model.template.source,
+            model_max_length=info.context_length,
+            vocab_size=info.vocab_size,
+        )
+
+
+def _load_options(body: ModelLoadRequest) -> LoadOptions:
+    return LoadOptions(
+        ctx_size=body.max_seq_len,
+        parallel=body.parallel,
+        n_gpu_layers=body.n_gpu_layers,
+        flash_attn=body.flash_attn,
+        cache_type_k=body.cache_type_k,
+        cache_type_v=body.cache_type_v,
+        use_mmap=body.use_mmap,
+    )
+
+
+async def _next_event(
+    queue: asyncio.Queue[ModelLoadProgress], task: asyncio.Task[LoadedModel]
+) -> ModelLoadProgress | None:
+    """The next progress event, or None once the load finished; the load's error raises."""
+    getter = asyncio.ensure_future(queue.get())
+    await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+    if getter.done():
+        return getter.result()
+    getter.cancel()
+    if not queue.empty():
+        return queue.get_nowait()
+    task.result()  # raises the load's error
+    return None
+
+
+async def _progress_events(
+    first: ModelLoadProgress | None,
+    queue: asyncio.Queue[ModelLoadProgress],
+    task: asyncio.Task[LoadedModel],
+) -> AsyncIterator[str]:
+    event = first
+    try:
+        while event is not None:
+            yield event.model_dump_json()
+            event = await _next_event(queue, task)
+    except LLMServeError as exc:
+        yield StatusResponse(status="error", detail=exc.message).model_dump_json()
+    yield "[DONE]"
+
+
+def _read_preset(path: Path) -> dict[str, OverrideValue]:
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(data, dict):
+        raise InvalidRequestError("a preset file maps sampler names to values", param="preset")
+    return {
+        name: OverrideValue.model_validate(v if isinstance(v, dict) else {"override": v})
+        for name, v in data.items()
+    }
+
+
+def _chat_ids(
+    model: LoadedModel, messages: list[ChatMessage], generation_prompt: bool
+) -> list[int]:
+    return model.chat_prompt(
+        [{"role": m.role, "content": m.text()} for m in messages], generation_prompt
+    )
+
+
+def _checked_ids(model: LoadedModel, ids: list[int]) -> list[int]:
+    vocab = model.engine.info.vocab_size
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        raise InvalidRequestError(
+            f"token ids outside the vocabulary (0..{vocab - 1}): {bad[:5]}", param="tokens"
+        )
+    return ids
+
+
+def _quantization(description: str) -> str:
+    # llama.cpp's description reads like "llama 135M Q4_1": the last word is the file type.
+    return description.split()[-1] if description else "unknown"
