@@ -14,7 +14,8 @@ from llmserve import __version__
 from llmserve.api import ops
 from llmserve.api.admin import routes as admin_routes
 from llmserve.api.admin.serving import AdminServing
-from llmserve.api.errors import install_error_handlers
+from llmserve.api.errors import ErrorRenderers, install_error_handlers
+from llmserve.api.http import BodySizeLimit
 from llmserve.api.kobold import routes as kobold_routes
 from llmserve.api.kobold.serving import KoboldServing, kobold_error_response
 from llmserve.api.openai import routes as openai_routes
@@ -25,6 +26,7 @@ from llmserve.api.together.serving import TogetherServing, together_error_respon
 from llmserve.auth import KeyStore, require_api
 from llmserve.config import Settings
 from llmserve.models.manager import ModelManager
+from llmserve.observability import AccessLog, InstrumentedEngine, Metrics
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,8 @@ def create_app(settings: Settings, models: ModelManager | None = None) -> FastAP
     """The whole server; with `models` given (already holding a model) nothing is loaded."""
     manager = models or ModelManager(settings)
     keys = KeyStore(settings.tokens_path(), settings.api_key, settings.disable_auth)
+    metrics = Metrics(lambda: [(m.id, m.engine.stats()) for m in manager.loaded()])
+    manager.wrap_engines(lambda engine: InstrumentedEngine(engine, metrics))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -50,6 +54,7 @@ def create_app(settings: Settings, models: ModelManager | None = None) -> FastAP
     app.state.settings = settings
     app.state.models = manager
     app.state.keys = keys
+    app.state.metrics = metrics
     app.state.overrides = SamplingOverrides()
     app.state.openai = OpenAIServing(manager, app.state.overrides)
     app.state.admin = AdminServing(settings, manager, app.state.overrides)
@@ -63,8 +68,7 @@ def create_app(settings: Settings, models: ModelManager | None = None) -> FastAP
         allow_headers=["*"],
         allow_credentials=False,
     )
-    install_error_handlers(
-        app,
+    renderers = ErrorRenderers(
         # Together's /api/inference before Kobold's /api/: the first matching prefix wins.
         dialects=(
             (("/inference", "/api/inference"), together_error_response),
@@ -72,6 +76,9 @@ def create_app(settings: Settings, models: ModelManager | None = None) -> FastAP
         ),
         default=openai_error_response,
     )
+    install_error_handlers(app, renderers)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, renderers=renderers)
+    app.add_middleware(AccessLog, metrics=metrics)
     app.include_router(ops.build_router())
     app.include_router(admin_routes.build_info_router())
     if settings.admin_api:

@@ -82,6 +82,11 @@ class Settings(BaseSettings):
     cache_type_k: str | None = Field(None, description="KV cache type for K (f16, q8_0, ...).")
     cache_type_v: str | None = Field(None, description="KV cache type for V (f16, q8_0, ...).")
 
+    # Limits
+    max_body_bytes: int = Field(
+        8 << 20, ge=1024, description="Largest request body accepted (413 beyond)."
+    )
+
     # Auth
     api_tokens_file: Path | None = Field(
         None,

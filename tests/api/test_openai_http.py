@@ -243,3 +243,46 @@ def test_context_length_exceeded_before_stream(fake_server: RunningServer) -> No
     error = r.json()["error"]
     assert error["code"] == "context_length_exceeded"
     assert "200" in error["message"] and "100" in error["message"]
+
+
+def test_body_too_large_is_413(fake_server: RunningServer) -> None:
+    big = {"prompt": "a" * (9 << 20)}
+    r = post(fake_server, "/v1/completions", big)
+    assert r.status_code == 413
+    assert r.json()["error"]["code"] == "request_too_large"
+
+    def chunks():  # no Content-Length: the limit is counted as the body arrives
+        yield b'{"prompt": "'
+        for _ in range(10):
+            yield b"a" * (1 << 20)
+        yield b'"}'
+
+    r = httpx.post(
+        fake_server.url + "/v1/completions",
+        content=chunks(),
+        headers={"Content-Type": "application/json"},
+    )
+    assert r.status_code == 413
+
+
+def test_request_id_echoed_or_generated(fake_server: RunningServer) -> None:
+    r = httpx.get(fake_server.url + "/v1/models", headers={"X-Request-Id": "abc-123"})
+    assert r.headers["x-request-id"] == "abc-123"
+    generated = httpx.get(fake_server.url + "/v1/models").headers["x-request-id"]
+    assert len(generated) == 32
+
+
+def test_metrics_exposition(fake_server: RunningServer) -> None:
+    post(fake_server, "/v1/completions", {"prompt": "hi", "max_tokens": 3})
+    text = httpx.get(fake_server.url + "/metrics").text
+    assert 'llmserve_requests_total{route="/v1/completions",status="200"}' in text
+    assert 'llmserve_tokens_total{kind="completion"}' in text
+    assert "llmserve_time_to_first_token_seconds_count" in text
+    assert "llmserve_inter_token_latency_seconds_bucket" in text
+    for gauge in (
+        "queue_depth",
+        "running_sequences",
+        "kv_cache_usage_ratio",
+        "prefix_cache_hit_ratio",
+    ):
+        assert f'llmserve_{gauge}{{model="fake-model"}}' in text

@@ -3,30 +3,44 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llmserve.core.errors import InvalidRequestError, LLMServeError, NotFoundError
+from llmserve.core.errors import (
+    InvalidRequestError,
+    LLMServeError,
+    NotFoundError,
+    PayloadTooLargeError,
+)
 
 ErrorRenderer = Callable[[LLMServeError], JSONResponse]
+HTTP_ERRORS: dict[int, type[LLMServeError]] = {404: NotFoundError, 413: PayloadTooLargeError}
 
 
-def install_error_handlers(
-    app: FastAPI,
-    dialects: Sequence[tuple[tuple[str, ...], ErrorRenderer]],
-    default: ErrorRenderer,
-) -> None:
-    """Route errors to the renderer of the first dialect whose path prefix matches."""
+@dataclass(frozen=True)
+class ErrorRenderers:
+    """Which renderer speaks for which path: the first dialect whose prefix matches, or default."""
+
+    dialects: Sequence[tuple[tuple[str, ...], ErrorRenderer]]
+    default: ErrorRenderer
+
+    def for_path(self, path: str) -> ErrorRenderer:
+        """The renderer of the dialect that serves `path`."""
+        for prefixes, renderer in self.dialects:
+            if path.startswith(prefixes):
+                return renderer
+        return self.default
+
+
+def install_error_handlers(app: FastAPI, renderers: ErrorRenderers) -> None:
+    """Render every error raised under a route in that route's dialect."""
 
     def render(request: Request, exc: LLMServeError) -> JSONResponse:
-        path = request.url.path
-        for prefixes, renderer in dialects:
-            if path.startswith(prefixes):
-                return renderer(exc)
-        return default(exc)
+        return renderers.for_path(request.url.path)(exc)
 
     @app.exception_handler(LLMServeError)
     async def on_llmserve_error(request: Request, exc: LLMServeError) -> JSONResponse:

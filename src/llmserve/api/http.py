@@ -5,11 +5,17 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
-from sse_starlette import EventSourceResponse
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from llmserve.api.errors import ErrorRenderers
+from llmserve.core.errors import PayloadTooLargeError
 
 T = TypeVar("T")
 
@@ -39,8 +45,8 @@ class LenientJSONRoute(APIRoute):
         return lenient_handler
 
 
-def sse_response(lines: AsyncIterator[str]) -> EventSourceResponse:
-    """An unbuffered `text/event-stream` of `data: LINE\\n\\n` events."""
+def sse_response(lines: AsyncIterator[str] | AsyncIterator[ServerSentEvent]) -> EventSourceResponse:
+    """An unbuffered `text/event-stream`: `data: LINE\\n\\n` per string, or the events as given."""
     return EventSourceResponse(
         lines,
         sep="\n",
@@ -68,3 +74,35 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
 async def _wait_for_disconnect(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+@dataclass
+class BodySizeLimit:
+    """ASGI middleware: a body over `max_bytes` gets 413 in the dialect's shape."""
+
+    app: ASGIApp
+    max_bytes: int
+    renderers: ErrorRenderers
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            error = PayloadTooLargeError(f"request body is larger than {self.max_bytes} bytes")
+            await self.renderers.for_path(scope["path"])(error)(scope, receive, send)
+            return
+        received = 0
+
+        async def counting_receive() -> Message:
+            # Chunked bodies have no Content-Length: count as they arrive. FastAPI passes
+            # HTTPExceptions from body reading through, so this one reaches the error handlers.
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise HTTPException(413, f"request body is larger than {self.max_bytes} bytes")
+            return message
+
+        await self.app(scope, counting_receive, send)

@@ -1,11 +1,12 @@
-"""Operational routes: /health (always open) and /v1/auth/permission."""
+"""Operational routes: /health (always open), /metrics and /v1/auth/permission."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
 from llmserve.auth import Permission, require_api
@@ -23,6 +24,11 @@ class PermissionResponse(BaseModel):
 def build_router() -> APIRouter:
     """/health: 200 when a model serves, 503 while loading or after an engine failure."""
     router = APIRouter(tags=["ops"])
+
+    @router.get("/metrics", dependencies=[Depends(require_api)])
+    async def metrics(request: Request) -> Response:
+        registry = request.app.state.metrics.registry
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @router.get("/v1/auth/permission")
     async def permission(granted: Granted) -> PermissionResponse:

@@ -37,6 +37,13 @@ class UnsupportedSamplerError(InvalidRequestError):
     code = "unsupported_sampler"
 
 
+class PayloadTooLargeError(InvalidRequestError):
+    """The request body exceeds the configured limit (413)."""
+
+    status = 413
+    code = "request_too_large"
+
+
 class AuthenticationError(LLMServeError):
     """No key or an unknown key (401)."""
 

@@ -29,6 +29,7 @@ LOAD_WAIT_SECONDS = 60.0  # how long a request waits for a model that is loading
 RETIRE_WAIT_SECONDS = 600.0  # how long a swapped-out engine may finish its requests
 
 ProgressCallback = Callable[[str, float], None]
+EngineWrapper = Callable[[Engine], Engine]
 T = TypeVar("T")
 
 
@@ -91,6 +92,13 @@ class ModelManager:
         self._retiring: set[asyncio.Task[None]] = set()
         self.loading: str | None = None
         self.load_error: str | None = None
+        self._wrap: EngineWrapper = lambda engine: engine
+
+    def wrap_engines(self, wrapper: EngineWrapper) -> None:
+        """Wrap every engine, now and later (the app adds metrics this way)."""
+        self._wrap = wrapper
+        for model in self._models.values():
+            model.engine = wrapper(model.engine)
 
     # ---- state ----
 
@@ -213,7 +221,7 @@ class ModelManager:
 
     def register(self, engine: Engine, names: list[str], template: ChatTemplate) -> LoadedModel:
         """Serve an already running engine under `names` (tests use this with a fake engine)."""
-        model = LoadedModel(names[0], tuple(names[1:]), engine, template, template)
+        model = LoadedModel(names[0], tuple(names[1:]), self._wrap(engine), template, template)
         self._models[model.id] = model
         self._ready.set()
         self.load_error = None

@@ -1,0 +1,213 @@
+"""Prometheus metrics, one structured log line per request, and X-Request-Id."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextvars import ContextVar
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from llmserve.core.request import Delta, GenerationRequest
+from llmserve.engines.base import AdapterSpec, Engine, EngineStats, ModelInfo
+
+log = logging.getLogger("llmserve.access")
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+@dataclass
+class RequestRecord:
+    """What one HTTP request did, filled in as it runs and logged when it ends."""
+
+    request_id: str
+    method: str
+    route: str
+    status: int = 0
+    model: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    ttft_ms: float | None = None
+    duration_ms: float = 0.0
+
+
+# The record of the request being served in this task (None outside requests).
+current_request: ContextVar[RequestRecord | None] = ContextVar("current_request", default=None)
+
+
+class Metrics:
+    """The app's Prometheus registry and instruments (one per app, no globals)."""
+
+    def __init__(self, stats_source: Callable[[], Sequence[tuple[str, EngineStats]]]):
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "llmserve_requests",
+            "HTTP requests by route and status",
+            ["route", "status"],
+            registry=self.registry,
+        )
+        self.tokens = Counter(
+            "llmserve_tokens", "Tokens processed", ["kind"], registry=self.registry
+        )
+        self.ttft = Histogram(
+            "llmserve_time_to_first_token_seconds",
+            "Time to first token",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.itl = Histogram(
+            "llmserve_inter_token_latency_seconds",
+            "Time between output deltas",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.registry.register(EngineCollector(stats_source))
+
+
+class EngineCollector(Collector):
+    """Gauges read from each engine's stats at scrape time."""
+
+    def __init__(self, stats_source: Callable[[], Sequence[tuple[str, EngineStats]]]):
+        self._source = stats_source
+
+    def collect(self) -> Iterable[Metric]:
+        gauges = {
+            "queue_depth": ("Requests waiting for a slot", lambda s: s.waiting),
+            "running_sequences": ("Sequences being decoded", lambda s: s.running),
+            "free_slots": ("Free sequence slots", lambda s: s.free_slots),
+            "kv_cache_usage_ratio": (
+                "Used share of KV cache cells",
+                lambda s: s.kv_cells_used / max(1, s.kv_cells_total),
+            ),
+            "prefix_cache_hit_ratio": (
+                "Prompt tokens served from the prefix cache",
+                lambda s: s.cached_prompt_tokens_total / max(1, s.prompt_tokens_total),
+            ),
+        }
+        stats = list(self._source())
+        for name, (doc, read) in gauges.items():
+            family = GaugeMetricFamily(f"llmserve_{name}", doc, labels=["model"])
+            for model, snapshot in stats:
+                family.add_metric([model], float(read(snapshot)))
+            yield family
+
+
+class InstrumentedEngine:
+    """An Engine that reports TTFT, inter-token latency and tokens of every generation."""
+
+    def __init__(self, inner: Engine, metrics: Metrics):
+        self.inner = inner
+        self.metrics = metrics
+        self.info: ModelInfo = inner.info
+
+    async def generate(self, req: GenerationRequest) -> AsyncIterator[Delta]:
+        """The inner stream, timed."""
+        start = last = time.perf_counter()
+        first = True
+        record = current_request.get()
+        stream = self.inner.generate(req)
+        try:
+            async for delta in stream:
+                now = time.perf_counter()
+                if first:
+                    self.metrics.ttft.observe(now - start)
+                    if record is not None and record.ttft_ms is None:
+                        record.ttft_ms = round((now - start) * 1000, 1)
+                    first = False
+                else:
+                    self.metrics.itl.observe(now - last)
+                last = now
+                if delta.usage is not None:
+                    self._count(delta, record)
+                yield delta
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]
+
+    def _count(self, delta: Delta, record: RequestRecord | None) -> None:
+        usage = delta.usage
+        assert usage is not None
+        self.metrics.tokens.labels("prompt").inc(usage.prompt_tokens)
+        self.metrics.tokens.labels("completion").inc(usage.completion_tokens)
+        self.metrics.tokens.labels("cached").inc(usage.cached_tokens)
+        if record is not None:
+            record.model = self.info.id
+            record.prompt_tokens += usage.prompt_tokens
+            record.completion_tokens += usage.completion_tokens
+            record.cached_tokens += usage.cached_tokens
+
+    def tokenize(self, text: str, add_special: bool) -> list[int]:
+        """Delegated."""
+        return self.inner.tokenize(text, add_special)
+
+    def detokenize(self, ids: list[int]) -> str:
+        """Delegated."""
+        return self.inner.detokenize(ids)
+
+    def abort(self, request_id: str) -> None:
+        """Delegated."""
+        self.inner.abort(request_id)
+
+    def stats(self) -> EngineStats:
+        """Delegated."""
+        return self.inner.stats()
+
+    async def set_adapters(self, adapters: Sequence[AdapterSpec]) -> None:
+        """Delegated."""
+        await self.inner.set_adapters(adapters)
+
+    async def close(self) -> None:
+        """Delegated."""
+        await self.inner.close()
+
+
+@dataclass
+class AccessLog:
+    """ASGI middleware: X-Request-Id in and out, a request counter, one log line per request."""
+
+    app: ASGIApp
+    metrics: Metrics
+    skip_paths: tuple[str, ...] = field(default=("/metrics",))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or uuid.uuid4().hex
+        record = RequestRecord(request_id, scope["method"], scope["path"])
+        token = current_request.set(record)
+        start = time.perf_counter()
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                record.status = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            record.duration_ms = round((time.perf_counter() - start) * 1000, 1)
+            current_request.reset(token)
+            self._finish(scope, record)
+
+    def _finish(self, scope: Scope, record: RequestRecord) -> None:
+        route = scope.get("route")
+        record.route = getattr(route, "path", record.route)
+        self.metrics.requests.labels(record.route, str(record.status or 499)).inc()
+        if record.route not in self.skip_paths:
+            log.info("%s", json.dumps(_log_fields(record), separators=(",", ":")))
+
+
+def _log_fields(record: RequestRecord) -> dict[str, Any]:
+    return {k: v for k, v in asdict(record).items() if v is not None}
