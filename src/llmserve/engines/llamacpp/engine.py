@@ -1,0 +1,407 @@
+"""LlamaCppEngine: llama.cpp with continuous batching, run by one engine thread.
+
+The engine thread owns the llama.cpp context and loops: take new requests and aborts, run one
+step (admit, one batch, one llama_decode, sample), publish a stats snapshot. asyncio callers
+never block on it: requests go in through a lock-protected inbox, deltas come back through
+each request's asyncio.Queue via `loop.call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+
+from llmserve.core.errors import (
+    ContextLengthExceededError,
+    InvalidRequestError,
+    QueueFullError,
+    ServiceUnavailableError,
+)
+from llmserve.core.request import Delta, GenerationRequest
+from llmserve.engines.base import EngineStats, ModelInfo
+from llmserve.engines.llamacpp.batch import TokenBatch
+from llmserve.engines.llamacpp.model import KV_CACHE_TYPES, ContextSettings, LlamaModel
+from llmserve.engines.llamacpp.runner import StepRunner
+from llmserve.engines.llamacpp.sampling import check_grammar
+from llmserve.engines.llamacpp.scheduler import RequestGroup, Scheduler
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_CTX = 4096  # per-sequence context when the config leaves it to the model
+KV_TOKEN_BUDGET = 32768  # total KV cells the default `parallel` aims for
+MAX_DEFAULT_PARALLEL = 16
+
+
+@dataclass(frozen=True)
+class LlamaCppConfig:
+    """How to load a GGUF model and run it; None means "work it out from the model/machine"."""
+
+    model_path: str
+    model_id: str
+    ctx_size: int | None = None  # per sequence; None: min(training context, 4096)
+    parallel: int | None = None  # max running sequences; None: sized from ctx_size
+    prefill_chunk: int = 512  # prompt tokens per step, so long prompts cannot stall decoding
+    n_threads: int | None = None  # None: os.cpu_count()
+    n_threads_batch: int | None = None  # None: os.cpu_count()
+    max_queue: int | None = None  # requests waiting for a slot; None: unbounded
+    n_gpu_layers: int = 0
+    flash_attn: bool | None = None  # None: llama.cpp decides
+    use_mmap: bool = True
+    cache_type_k: str | None = None  # e.g. "f16", "q8_0"; None: llama.cpp's default
+    cache_type_v: str | None = None
+    kv_unified: bool = True  # one KV buffer for all slots: needed to share prompt prefixes
+    # Let llama.cpp repack weights for CPU-specific kernels (AMX, ...) at load. Off by default:
+    # in VMs that advertise AMX without enabling it, the first llama_decode segfaults.
+    cpu_repack: bool = False
+
+    def __post_init__(self) -> None:
+        positive = {
+            "ctx_size": self.ctx_size,
+            "parallel": self.parallel,
+            "prefill_chunk": self.prefill_chunk,
+            "n_threads": self.n_threads,
+            "n_threads_batch": self.n_threads_batch,
+        }
+        for name, value in positive.items():
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        if self.max_queue is not None and self.max_queue < 0:
+            raise ValueError(f"max_queue must not be negative, got {self.max_queue}")
+        for name, cache_type in (
+            ("cache_type_k", self.cache_type_k),
+            ("cache_type_v", self.cache_type_v),
+        ):
+            if cache_type is not None and cache_type not in KV_CACHE_TYPES:
+                raise ValueError(
+                    f"{name} must be one of {sorted(KV_CACHE_TYPES)}, got {cache_type!r}"
+                )
+
+    def resolve_ctx_size(self, n_ctx_train: int) -> int:
+        """Per-sequence context: the configured one, else the model's capped at 4096."""
+        if self.ctx_size is not None:
+            return self.ctx_size
+        return max(1, min(n_ctx_train, DEFAULT_MAX_CTX))
+
+    def resolve_parallel(self, ctx_size: int) -> int:
+        """Running sequences: the configured number, else as many as ~32k KV cells allow."""
+        if self.parallel is not None:
+            return self.parallel
+        return max(1, min(MAX_DEFAULT_PARALLEL, KV_TOKEN_BUDGET // ctx_size))
+
+
+class LlamaCppEngine:
+    """The default engine: llama.cpp through its low-level API, with our own scheduler."""
+
+    def __init__(
+        self, config: LlamaCppConfig, info: ModelInfo, model: LlamaModel, runner: StepRunner
+    ) -> None:
+        """Use `LlamaCppEngine.load`; this wires already-built parts and starts nothing."""
+        self.config = config
+        self.info = info
+        self.parallel = len(runner.scheduler.slots)
+        self._model = model
+        self._runner = runner
+        self._cond = threading.Condition()
+        self._inbox: list[RequestGroup] = []
+        self._aborted_groups: list[RequestGroup] = []
+        self._aborted_ids: set[str] = set()
+        self._stopping = False
+        self._alive = True
+        self._error: str | None = None
+        self._snapshot = runner.stats(alive=True, error=None)
+        self._waiting_requests = 0
+        self._thread = threading.Thread(
+            target=self._run, name=f"llamacpp-{config.model_id}", daemon=True
+        )
+
+    @classmethod
+    def load(cls, config: LlamaCppConfig) -> LlamaCppEngine:
+        """Load the model, size the context and start the engine thread (blocking)."""
+        model = LlamaModel.load(
+            config.model_path, config.n_gpu_layers, config.use_mmap, config.cpu_repack
+        )
+        try:
+            info, runner = _prepare_runner(config, model)
+        except BaseException:
+            model.free()
+            raise
+        engine = cls(config, info, model, runner)
+        engine._thread.start()
+        logger.info(
+            "loaded %s (%s): %d slots x %d tokens",
+            config.model_id,
+            info.description,
+            engine.parallel,
+            info.context_length,
+        )
+        return engine
+
+    # -- the Engine protocol ---------------------------------------------------------------
+
+    def generate(self, req: GenerationRequest) -> AsyncIterator[Delta]:
+        """Validate now (raising before any delta), then stream the request's deltas."""
+        self._ensure_running()
+        max_new_tokens = self._validate(req)
+        with self._cond:
+            self._ensure_queue_room()
+        return self._stream(req, max_new_tokens)
+
+    def tokenize(self, text: str, add_special: bool) -> list[int]:
+        """Text to token ids; special-token text (e.g. `<|im_end|>`) is parsed as such."""
+        self._ensure_running()
+        return self._model.tokenize(text, add_special)
+
+    def detokenize(self, ids: list[int]) -> str:
+        """Token ids back to text (special tokens rendered)."""
+        self._ensure_running()
+        bad = [t for t in ids if not 0 <= t < self.info.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"token ids out of vocabulary: {bad[:5]}", param="tokens")
+        return self._model.detokenize(ids)
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request at the next step; its stream ends with FinishReason.ABORT."""
+        with self._cond:
+            self._aborted_ids.add(request_id)
+            self._cond.notify()
+
+    def stats(self) -> EngineStats:
+        """The latest snapshot from the engine thread, plus requests not yet picked up."""
+        with self._cond:
+            queued = sum(group.n for group in self._inbox)
+            return replace(
+                self._snapshot,
+                waiting=self._snapshot.waiting + queued,
+                alive=self._alive,
+                error=self._error,
+            )
+
+    async def close(self) -> None:
+        """Abort everything, stop the engine thread and free llama.cpp resources."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        await asyncio.to_thread(self._thread.join)
+
+    # -- admission checks (caller's thread) ------------------------------------------------
+
+    def _ensure_running(self) -> None:
+        if not self._alive or self._stopping:
+            reason = f": {self._error}" if self._error else ""
+            raise ServiceUnavailableError(f"the engine for {self.info.id} is not running{reason}")
+
+    def _ensure_queue_room(self) -> None:
+        """Raise QueueFullError when more than max_queue requests would wait (approximate)."""
+        limit = self.config.max_queue
+        if limit is None:
+            return
+        pending = len(self._inbox) + self._waiting_requests
+        if pending - self._snapshot.free_slots >= limit:
+            raise QueueFullError(f"{pending} requests are already waiting for {self.info.id}")
+
+    def _validate(self, req: GenerationRequest) -> int:
+        """Check the request against the model; return how many tokens it may generate."""
+        params = req.params
+        prompt = req.prompt_tokens
+        if not prompt:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        self._check_token_ids(prompt, "prompt")
+        self._check_token_ids(params.stop_token_ids, "stop_token_ids")
+        self._check_token_ids(params.banned_token_ids, "banned_token_ids")
+        self._check_token_ids(list(params.logit_bias), "logit_bias")
+        if not 1 <= params.n <= self.parallel:
+            raise InvalidRequestError(
+                f"n must be between 1 and {self.parallel} (parallel sequences), got {params.n}",
+                param="n",
+            )
+        for name, value in (
+            ("max_tokens", params.max_tokens),
+            ("logprobs", params.logprobs),
+            ("prompt_logprobs", params.prompt_logprobs),
+            ("min_tokens", params.min_tokens),
+        ):
+            if value is not None and value < 0:
+                raise InvalidRequestError(f"{name} must not be negative", param=name)
+        if params.grammar is not None:
+            check_grammar(self._model.vocab, params.grammar)
+        return self._check_context(len(prompt), params.max_tokens)
+
+    def _check_token_ids(self, ids: list[int] | tuple[int, ...], param: str) -> None:
+        vocab_size = self.info.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise InvalidRequestError(
+                f"token ids out of the vocabulary (0..{vocab_size - 1}): {bad[:5]}", param=param
+            )
+
+    def _check_context(self, prompt_tokens: int, max_tokens: int | None) -> int:
+        ctx_size = self.info.context_length
+        if max_tokens is None:
+            if prompt_tokens >= ctx_size:
+                raise ContextLengthExceededError(
+                    f"This model's maximum context length is {ctx_size} tokens, but the prompt "
+                    f"has {prompt_tokens} tokens, leaving no room for the completion.",
+                    param="prompt",
+                )
+            return ctx_size - prompt_tokens
+        if prompt_tokens + max_tokens > ctx_size:
+            raise ContextLengthExceededError(
+                f"This model's maximum context length is {ctx_size} tokens, but "
+                f"{prompt_tokens + max_tokens} were requested ({prompt_tokens} in the prompt "
+                f"+ {max_tokens} to generate).",
+                param="max_tokens",
+            )
+        return max_tokens
+
+    # -- the asyncio bridge ----------------------------------------------------------------
+
+    async def _stream(self, req: GenerationRequest, max_new_tokens: int) -> AsyncIterator[Delta]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Delta | Exception] = asyncio.Queue()
+        group: RequestGroup | None = None
+
+        def deliver(item: Delta | Exception) -> None:  # runs on the engine thread
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the consumer's event loop is closed: nobody will read
+                if group is not None:
+                    self._abort_group(group)
+
+        group = RequestGroup(request=req, deliver=deliver, max_new_tokens=max_new_tokens)
+        self._submit(group)
+        done = False
+        try:
+            while not done:
+                item = await queue.get()
+                if isinstance(item, Exception):
+                    done = True
+                    raise item
+                done = item.usage is not None  # the request's very last delta
+                yield item
+        finally:
+            if not done:  # the consumer left early (disconnect, cancel): free the slots
+                self._abort_group(group)
+
+    def _submit(self, group: RequestGroup) -> None:
+        with self._cond:
+            self._ensure_running()
+            self._ensure_queue_room()
+            self._inbox.append(group)
+            self._cond.notify()
+
+    def _abort_group(self, group: RequestGroup) -> None:
+        with self._cond:
+            self._aborted_groups.append(group)
+            self._cond.notify()
+
+    # -- the engine thread -----------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while self._take_work():
+                self._runner.step()
+                self._publish()
+                self._runner.flush_outbox()
+            self._shut_down()
+        except BaseException as error:
+            logger.exception("the llama.cpp engine thread died")
+            self._die(error)
+
+    def _take_work(self) -> bool:
+        """Sleep until there is something to do; move requests and aborts in. False: stop."""
+        with self._cond:
+            while not (self._stopping or self._has_commands() or not self._runner.idle):
+                self._cond.wait()
+            if self._stopping:
+                return False
+            inbox, self._inbox = self._inbox, []
+            aborted, self._aborted_groups = self._aborted_groups, []
+            aborted_ids, self._aborted_ids = self._aborted_ids, set()
+        for group in inbox:
+            self._runner.submit(group)
+        for group in aborted:
+            self._runner.abort(group)
+        if aborted_ids:
+            for group in self._runner.groups():
+                if group.request.request_id in aborted_ids:
+                    self._runner.abort(group)
+        self._publish()
+        self._runner.flush_outbox()
+        return True
+
+    def _has_commands(self) -> bool:
+        return bool(self._inbox or self._aborted_groups or self._aborted_ids)
+
+    def _publish(self) -> None:
+        snapshot = self._runner.stats(alive=True, error=None)
+        waiting_requests = len(self._runner.scheduler.waiting)
+        with self._cond:
+            self._snapshot = snapshot
+            self._waiting_requests = waiting_requests
+
+    def _shut_down(self) -> None:
+        """Normal stop: every request ends with ABORT, then llama.cpp is freed."""
+        with self._cond:
+            inbox, self._inbox = self._inbox, []
+            self._alive = False
+        for group in inbox:
+            self._runner.submit(group)
+        for group in self._runner.groups():
+            self._runner.abort(group)
+        self._publish()
+        self._runner.flush_outbox()
+        self._runner.free()
+
+    def _die(self, error: BaseException) -> None:
+        """The step loop crashed: fail every request with 503 and refuse new ones."""
+        with self._cond:
+            self._alive = False
+            self._error = f"{type(error).__name__}: {error}"
+            inbox, self._inbox = self._inbox, []
+        self._runner.flush_outbox()  # what was already produced is still valid
+        pending = inbox + self._runner.groups()
+        for group in pending:
+            group.deliver(ServiceUnavailableError(f"the engine stopped: {self._error}"))
+        try:
+            self._runner.free()
+        except Exception:  # the state that killed the loop may also break freeing
+            logger.exception("freeing llama.cpp resources after the crash failed")
+
+
+def _prepare_runner(config: LlamaCppConfig, model: LlamaModel) -> tuple[ModelInfo, StepRunner]:
+    """Size the context for the configured slots and wire the scheduler to it."""
+    ctx_size = config.resolve_ctx_size(model.n_ctx_train)
+    parallel = config.resolve_parallel(ctx_size)
+    if ctx_size > model.n_ctx_train:
+        logger.warning(
+            "ctx_size %d exceeds the model's training context %d", ctx_size, model.n_ctx_train
+        )
+    batch_capacity = config.prefill_chunk + parallel  # prefill budget + one token per sequence
+    cpus = os.cpu_count() or 1
+    model.create_context(
+        ContextSettings(
+            n_ctx=parallel * ctx_size,
+            n_seq_max=parallel,
+            n_batch=batch_capacity,
+            n_threads=config.n_threads or cpus,
+            n_threads_batch=config.n_threads_batch or cpus,
+            flash_attn=config.flash_attn,
+            cache_type_k=config.cache_type_k,
+            cache_type_v=config.cache_type_v,
+            kv_unified=config.kv_unified,
+        )
+    )
+    info = model.describe(config.model_id, ctx_size)
+    scheduler = Scheduler(
+        n_slots=parallel,
+        ctx_size=ctx_size,
+        prefill_budget=config.prefill_chunk,
+        memory=model,
+        share_prefixes=config.kv_unified,
+    )
+    batch = TokenBatch(batch_capacity)
+    return info, StepRunner(model, scheduler, batch, info.eog_token_ids)

@@ -1,0 +1,238 @@
+"""Per-sequence llama.cpp sampler chains built from SamplingParams, and logprobs from logits."""
+
+from __future__ import annotations
+
+import ctypes
+import secrets
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import llama_cpp
+import numpy as np
+import numpy.typing as npt
+
+from llmserve.core.errors import InvalidRequestError
+from llmserve.core.params import MirostatMode, SamplingParams
+from llmserve.core.request import TokenLogprob, TopLogprob
+
+SEED_MODULUS = 2**32  # llama.cpp seeds are uint32
+MIROSTAT_V1_M = 100  # candidates mirostat v1 estimates s_hat from (the paper's m)
+MIN_KEEP = 1  # truncation samplers always leave at least one candidate
+
+FloatRow = npt.NDArray[np.float32]
+PieceLookup = Callable[[int], bytes]
+
+
+def choice_seed(seed: int | None, index: int) -> int:
+    """The dist/XTC/mirostat seed for choice `index`: seed + index, or random without a seed."""
+    if seed is None:
+        return secrets.randbits(32)
+    return (seed + index) % SEED_MODULUS
+
+
+class SamplerChain:
+    """One sequence's llama.cpp sampler chain; owns the C objects until `free()`."""
+
+    def __init__(self, handle: Any, history_samplers: list[Any]) -> None:
+        self._handle = handle
+        # Penalties and DRY look back over earlier tokens; they are fed the prompt too,
+        # without the grammar (which must only see generated text).
+        self._history_samplers = history_samplers
+
+    def accept_history(self, tokens: Sequence[int]) -> None:
+        """Feed earlier tokens (the prompt) to the samplers that penalize repetition."""
+        for sampler in self._history_samplers:
+            for token in tokens:
+                llama_cpp.llama_sampler_accept(sampler, token)
+
+    def sample(self, ctx: Any, batch_index: int) -> int:
+        """Pick (and accept) the next token from the logits row of batch entry `batch_index`."""
+        return int(llama_cpp.llama_sampler_sample(self._handle, ctx, batch_index))
+
+    def free(self) -> None:
+        """Free the chain and every sampler in it; safe to call twice."""
+        if self._handle is not None:
+            llama_cpp.llama_sampler_free(self._handle)
+            self._handle = None
+            self._history_samplers = []
+
+
+def check_grammar(vocab: Any, grammar: str) -> None:
+    """Raise InvalidRequestError when llama.cpp cannot parse the GBNF `grammar`."""
+    sampler = _grammar_sampler(vocab, grammar)
+    llama_cpp.llama_sampler_free(sampler)
+
+
+def build_sampler_chain(
+    params: SamplingParams, vocab: Any, n_vocab: int, ctx_size: int, seed: int
+) -> SamplerChain:
+    """Build the chain for one sequence: constraints, penalties, truncation, then the pick."""
+    parts: list[Any] = []
+    history: list[Any] = []
+    try:
+        if params.grammar is not None:
+            parts.append(_grammar_sampler(vocab, params.grammar))
+        bias = _logit_bias_sampler(params, n_vocab)
+        if bias is not None:
+            parts.append(bias)
+        history.extend(_history_samplers(params, vocab, n_vocab, ctx_size))
+        parts.extend(history)
+        parts.extend(_tail_samplers(params, n_vocab, seed))
+    except BaseException:
+        for sampler in parts:
+            llama_cpp.llama_sampler_free(sampler)
+        raise
+    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+    for sampler in parts:
+        llama_cpp.llama_sampler_chain_add(chain, sampler)  # the chain now owns it
+    return SamplerChain(chain, history)
+
+
+def _grammar_sampler(vocab: Any, grammar: str) -> Any:
+    sampler = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
+    if not sampler:
+        raise InvalidRequestError("the grammar is not valid GBNF", param="grammar")
+    return sampler
+
+
+def _logit_bias_sampler(params: SamplingParams, n_vocab: int) -> Any | None:
+    biases = {int(token): float(bias) for token, bias in params.logit_bias.items()}
+    for token in params.banned_token_ids:
+        biases[token] = float("-inf")
+    if not biases:
+        return None
+    array = (llama_cpp.llama_logit_bias * len(biases))()
+    for slot, (token, bias) in enumerate(biases.items()):
+        array[slot].token = token
+        array[slot].bias = bias
+    return llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(biases), array)
+
+
+def _history_samplers(params: SamplingParams, vocab: Any, n_vocab: int, ctx_size: int) -> list[Any]:
+    samplers: list[Any] = []
+    penalties_active = (
+        params.repetition_penalty != 1.0
+        or params.frequency_penalty != 0.0
+        or params.presence_penalty != 0.0
+    )
+    if penalties_active and params.penalty_range > 0:
+        samplers.append(
+            llama_cpp.llama_sampler_init_penalties(
+                n_vocab,
+                params.penalty_range,
+                params.repetition_penalty,
+                params.frequency_penalty,
+                params.presence_penalty,
+            )
+        )
+    if params.dry is not None and params.dry.multiplier > 0.0:
+        samplers.append(_dry_sampler(params, vocab, ctx_size))
+    return samplers
+
+
+def _dry_sampler(params: SamplingParams, vocab: Any, ctx_size: int) -> Any:
+    dry = params.dry
+    assert dry is not None
+    breakers = [text.encode() for text in dry.sequence_breakers if text]
+    array = (ctypes.c_char_p * max(1, len(breakers)))(*breakers)
+    # llama.cpp reads a negative look-back as "disabled", so "whole context" is explicit.
+    last_n = ctx_size if dry.penalty_last_n is None else dry.penalty_last_n
+    return llama_cpp.llama_sampler_init_dry(
+        vocab, dry.multiplier, dry.base, dry.allowed_length, last_n, array, len(breakers)
+    )
+
+
+def _tail_samplers(params: SamplingParams, n_vocab: int, seed: int) -> list[Any]:
+    if params.greedy:
+        # Truncation never changes the argmax (XTC would, but it is random by design).
+        return [llama_cpp.llama_sampler_init_greedy()]
+    if params.mirostat is MirostatMode.V1:
+        return [
+            llama_cpp.llama_sampler_init_temp(params.temperature),
+            llama_cpp.llama_sampler_init_mirostat(
+                n_vocab, seed, params.mirostat_tau, params.mirostat_eta, MIROSTAT_V1_M
+            ),
+        ]
+    if params.mirostat is MirostatMode.V2:
+        return [
+            llama_cpp.llama_sampler_init_temp(params.temperature),
+            llama_cpp.llama_sampler_init_mirostat_v2(
+                seed, params.mirostat_tau, params.mirostat_eta
+            ),
+        ]
+    return [
+        *_truncation_samplers(params, seed),
+        llama_cpp.llama_sampler_init_temp(params.temperature),
+        llama_cpp.llama_sampler_init_dist(seed),
+    ]
+
+
+def _truncation_samplers(params: SamplingParams, seed: int) -> list[Any]:
+    samplers: list[Any] = []
+    if params.top_k is not None and params.top_k > 0:
+        samplers.append(llama_cpp.llama_sampler_init_top_k(params.top_k))
+    if params.typical_p < 1.0:
+        samplers.append(llama_cpp.llama_sampler_init_typical(params.typical_p, MIN_KEEP))
+    if params.top_p < 1.0:
+        samplers.append(llama_cpp.llama_sampler_init_top_p(params.top_p, MIN_KEEP))
+    if params.min_p > 0.0:
+        samplers.append(llama_cpp.llama_sampler_init_min_p(params.min_p, MIN_KEEP))
+    if params.xtc_probability > 0.0:
+        samplers.append(
+            llama_cpp.llama_sampler_init_xtc(
+                params.xtc_probability, params.xtc_threshold, MIN_KEEP, seed
+            )
+        )
+    if params.top_n_sigma is not None and params.top_n_sigma > 0.0:
+        samplers.append(llama_cpp.llama_sampler_init_top_n_sigma(params.top_n_sigma))
+    return samplers
+
+
+def log_softmax(row: FloatRow) -> FloatRow:
+    """Log-probabilities of a logits row, computed in float64 for accuracy."""
+    wide = row.astype(np.float64)
+    peak = np.max(wide)
+    shifted = wide - peak
+    result: FloatRow = (shifted - np.log(np.sum(np.exp(shifted)))).astype(np.float32)
+    return result
+
+
+def token_logprob(
+    logprobs: FloatRow, token_id: int, top_n: int, piece: PieceLookup
+) -> TokenLogprob:
+    """The chosen token's logprob with the `top_n` most likely tokens at that position."""
+    raw = piece(token_id)
+    return TokenLogprob(
+        token_id=token_id,
+        token=raw.decode("utf-8", errors="replace"),
+        logprob=float(logprobs[token_id]),
+        top=top_logprobs(logprobs, top_n, piece),
+        bytes=tuple(raw),
+    )
+
+
+def top_logprobs(logprobs: FloatRow, top_n: int, piece: PieceLookup) -> tuple[TopLogprob, ...]:
+    """The `top_n` most likely tokens, most likely first."""
+    if top_n <= 0:
+        return ()
+    count = min(top_n, logprobs.shape[0])
+    candidates = np.argpartition(logprobs, -count)[-count:]
+    # Sort by logprob descending, ties by token id so the order is deterministic.
+    order = np.lexsort((candidates, -logprobs[candidates]))
+    return tuple(_top_entry(logprobs, int(candidates[i]), piece) for i in order)
+
+
+def _top_entry(logprobs: FloatRow, token_id: int, piece: PieceLookup) -> TopLogprob:
+    raw = piece(token_id)
+    return TopLogprob(
+        token_id=token_id,
+        token=raw.decode("utf-8", errors="replace"),
+        logprob=float(logprobs[token_id]),
+        bytes=tuple(raw),
+    )
+
+
+def mask_tokens(row: FloatRow, token_ids: Sequence[int]) -> None:
+    """Make `token_ids` impossible by writing -inf into the (llama.cpp-owned) logits row."""
+    if token_ids:
+        row[np.asarray(token_ids, dtype=np.intp)] = -np.inf
