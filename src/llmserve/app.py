@@ -25,6 +25,8 @@ from llmserve.api.together import routes as together_routes
 from llmserve.api.together.serving import TogetherServing, together_error_response
 from llmserve.auth import KeyStore, require_api
 from llmserve.config import Settings
+from llmserve.engines.base import Engine
+from llmserve.models.deadline import DeadlineEngine
 from llmserve.models.manager import ModelManager
 from llmserve.observability import AccessLog, InstrumentedEngine, Metrics
 
@@ -36,7 +38,7 @@ def create_app(settings: Settings, models: ModelManager | None = None) -> FastAP
     manager = models or ModelManager(settings)
     keys = KeyStore(settings.tokens_path(), settings.api_key, settings.disable_auth)
     metrics = Metrics(lambda: [(m.id, m.engine.stats()) for m in manager.loaded()])
-    manager.wrap_engines(lambda engine: InstrumentedEngine(engine, metrics))
+    manager.wrap_engines(lambda engine: _serving_engine(engine, settings, metrics))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -87,6 +89,13 @@ def create_app(settings: Settings, models: ModelManager | None = None) -> FastAP
     app.include_router(kobold_routes.build_router(require_key=settings.kobold_auth))
     app.include_router(together_routes.build_router(), dependencies=[Depends(require_api)])
     return app
+
+
+def _serving_engine(engine: Engine, settings: Settings, metrics: Metrics) -> Engine:
+    """The engine as requests see it: with its time limit and its metrics."""
+    if settings.request_timeout is not None:
+        engine = DeadlineEngine(engine, settings.request_timeout)
+    return InstrumentedEngine(engine, metrics)
 
 
 async def _load(manager: ModelManager) -> None:

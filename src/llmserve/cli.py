@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import sys
 from pathlib import Path
@@ -67,19 +68,49 @@ def print_keys(args: argparse.Namespace) -> None:
     print(path.read_text(encoding="utf-8"), end="")
 
 
+def check_exposure(settings: Settings) -> None:
+    """Refuse an open server on a non-loopback address unless explicitly allowed."""
+    if (
+        settings.disable_auth
+        and not is_loopback(settings.host)
+        and not settings.i_know_this_is_public
+    ):
+        raise SystemExit(
+            f"llmserve: refusing to start with auth disabled on {settings.host}: anyone who can "
+            "reach that address could use the server and its admin API. Keep auth on, listen on "
+            "127.0.0.1, or pass --i-know-this-is-public."
+        )
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost and loopback addresses."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def serve(settings: Settings) -> None:
-    """Run uvicorn with the app built from `settings` until interrupted."""
+    """Run uvicorn with the app built from `settings` until SIGTERM/SIGINT."""
     import uvicorn
 
     from llmserve.app import create_app
+    from llmserve.shutdown import GracefulServer
 
-    uvicorn.run(
-        create_app(settings),
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         timeout_keep_alive=30,
+        # Past the grace period streams are aborted and end with a final event; this margin
+        # lets those last events reach the clients before uvicorn cancels what is left.
+        timeout_graceful_shutdown=int(settings.shutdown_grace) + 10,
     )
+    GracefulServer(config, app.state.models, settings.shutdown_grace).run()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -95,6 +126,7 @@ def main(argv: list[str] | None = None) -> None:
         settings = load_settings(args.config, **_overrides(args))
     except (ValidationError, FileNotFoundError) as exc:
         raise SystemExit(f"llmserve: invalid configuration:\n{exc}") from exc
+    check_exposure(settings)
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

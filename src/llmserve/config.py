@@ -83,6 +83,12 @@ class Settings(BaseSettings):
     cache_type_v: str | None = Field(None, description="KV cache type for V (f16, q8_0, ...).")
 
     # Limits
+    request_timeout: float | None = Field(
+        None, gt=0, description="Seconds a generation may run; then it ends as if out of tokens."
+    )
+    shutdown_grace: float = Field(
+        30, ge=0, description="Seconds in-flight requests get to finish after SIGTERM/SIGINT."
+    )
     max_body_bytes: int = Field(
         8 << 20, ge=1024, description="Largest request body accepted (413 beyond)."
     )
@@ -95,6 +101,9 @@ class Settings(BaseSettings):
     )
     api_key: StrList = Field([], description="API keys accepted in addition to api_tokens.yml.")
     disable_auth: bool = Field(False, description="Serve without any key check (open to anyone).")
+    i_know_this_is_public: bool = Field(
+        False, description="Allow disable_auth on an address other than loopback."
+    )
     kobold_auth: bool = Field(
         True,
         description="Require an API key on the KoboldAI routes (/api/v1, /api/extra, "

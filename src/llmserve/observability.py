@@ -17,7 +17,8 @@ from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llmserve.core.request import Delta, GenerationRequest
-from llmserve.engines.base import AdapterSpec, Engine, EngineStats, ModelInfo
+from llmserve.engines.base import Engine, EngineStats
+from llmserve.models.decorator import EngineDecorator
 
 log = logging.getLogger("llmserve.access")
 
@@ -101,13 +102,12 @@ class EngineCollector(Collector):
             yield family
 
 
-class InstrumentedEngine:
+class InstrumentedEngine(EngineDecorator):
     """An Engine that reports TTFT, inter-token latency and tokens of every generation."""
 
     def __init__(self, inner: Engine, metrics: Metrics):
-        self.inner = inner
+        super().__init__(inner)
         self.metrics = metrics
-        self.info: ModelInfo = inner.info
 
     async def generate(self, req: GenerationRequest) -> AsyncIterator[Delta]:
         """The inner stream, timed."""
@@ -143,30 +143,6 @@ class InstrumentedEngine:
             record.prompt_tokens += usage.prompt_tokens
             record.completion_tokens += usage.completion_tokens
             record.cached_tokens += usage.cached_tokens
-
-    def tokenize(self, text: str, add_special: bool) -> list[int]:
-        """Delegated."""
-        return self.inner.tokenize(text, add_special)
-
-    def detokenize(self, ids: list[int]) -> str:
-        """Delegated."""
-        return self.inner.detokenize(ids)
-
-    def abort(self, request_id: str) -> None:
-        """Delegated."""
-        self.inner.abort(request_id)
-
-    def stats(self) -> EngineStats:
-        """Delegated."""
-        return self.inner.stats()
-
-    async def set_adapters(self, adapters: Sequence[AdapterSpec]) -> None:
-        """Delegated."""
-        await self.inner.set_adapters(adapters)
-
-    async def close(self) -> None:
-        """Delegated."""
-        await self.inner.close()
 
 
 @dataclass

@@ -1,0 +1,62 @@
+"""Graceful shutdown: stop accepting, let requests finish for a grace period, then end them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Iterator
+from types import FrameType
+
+import uvicorn
+from sse_starlette.sse import AppStatus
+
+from llmserve.models.manager import ModelManager
+
+log = logging.getLogger(__name__)
+
+HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn.Server whose first signal drains and whose second exits at once."""
+
+    def __init__(self, config: uvicorn.Config, models: ModelManager, grace: float):
+        super().__init__(config)
+        # sse-starlette would cut every stream the moment a signal arrives; we drain instead
+        # and tell it to stop only when the grace period is over.
+        AppStatus.disable_automatic_graceful_drain()
+        self.models = models
+        self.grace = grace
+        self._closing: asyncio.Future[None] | None = None
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """Handle SIGINT/SIGTERM ourselves; unlike uvicorn, don't re-raise them on the way out.
+
+        A drained shutdown is a normal exit: status 0, as supervisors expect.
+        """
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in HANDLED_SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        """First signal: stop accepting, abort what still runs after the grace period."""
+        if self.should_exit:
+            log.warning("second signal: exiting now")
+            self.force_exit = True
+            return
+        log.info("shutting down: finishing in-flight requests for up to %ss", self.grace)
+        super().handle_exit(sig, frame)
+        loop = asyncio.get_event_loop()
+        loop.call_soon_threadsafe(loop.call_later, self.grace, self._end_remaining)
+
+    def _end_remaining(self) -> None:
+        # Closing the engines ends every open stream with a final chunk (finish "abort");
+        # then sse-starlette may close whatever stream is left.
+        self._closing = asyncio.ensure_future(self.models.close())
+        self._closing.add_done_callback(lambda _: setattr(AppStatus, "should_exit", True))
