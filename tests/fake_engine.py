@@ -6,7 +6,7 @@ import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
 
-from llmserve.core.errors import ContextLengthExceededError, InvalidRequestError
+from llmserve.core.errors import ContextLengthExceededError, EngineError, InvalidRequestError
 from llmserve.core.request import (
     Delta,
     FinishReason,
@@ -56,6 +56,9 @@ class FakeEngine:
     async def generate(self, req: GenerationRequest) -> AsyncIterator[Delta]:
         """Emit WORDS in turn, honouring max_tokens, stop strings, n and logprobs."""
         p = req.params
+        prompt = self.detokenize(req.prompt_tokens)
+        if prompt.startswith("fail-now"):
+            raise EngineError("llama_decode failed (injected)")
         if any(t >= self.info.vocab_size for t in req.prompt_tokens):
             raise InvalidRequestError("token id out of range", param="prompt")
         budget = CONTEXT - len(req.prompt_tokens)
@@ -69,6 +72,8 @@ class FakeEngine:
             completion = 0
             for index in range(p.n):
                 async for delta in self._choice(req, index, max_tokens):
+                    if prompt.startswith("fail-later") and delta.token_ids[0] == 1:
+                        raise EngineError("llama_decode failed mid-stream (injected)")
                     completion += len(delta.token_ids)
                     last = index == p.n - 1 and delta.finish_reason is not None
                     usage = Usage(len(req.prompt_tokens), completion) if last else None

@@ -286,3 +286,49 @@ def test_metrics_exposition(fake_server: RunningServer) -> None:
         "prefix_cache_hit_ratio",
     ):
         assert f'llmserve_{gauge}{{model="fake-model"}}' in text
+
+
+def test_engine_failure_is_a_500_in_openai_shape(fake_server: RunningServer) -> None:
+    r = post(fake_server, "/v1/completions", {"prompt": "fail-now", "max_tokens": 3})
+    assert r.status_code == 500
+    assert r.json()["error"]["code"] == "engine_error"
+    assert (
+        post(fake_server, "/v1/completions", {"prompt": "ok", "max_tokens": 1}).status_code == 200
+    )
+
+
+def test_engine_failure_mid_stream_is_a_final_error_event(fake_server: RunningServer) -> None:
+    body = {"prompt": "fail-later", "max_tokens": 5, "stream": True}
+    payloads = sse_payloads(post(fake_server, "/v1/completions", body))
+    assert payloads[-1] == "[DONE]"
+    assert json.loads(payloads[-2])["error"]["code"] == "engine_error"
+    assert json.loads(payloads[0])["choices"][0]["text"] == "alpha "
+
+
+def test_invalid_utf8_and_wrong_content_type(fake_server: RunningServer) -> None:
+    r = httpx.post(
+        fake_server.url + "/v1/completions",
+        content=b'{"prompt": "\xff\xfe"}',
+        headers={"Content-Type": "application/json"},
+    )
+    assert r.status_code == 400 and "error" in r.json()
+    r = httpx.post(
+        fake_server.url + "/v1/completions",
+        content=b"prompt=hi",
+        headers={"Content-Type": "text/plain"},
+    )
+    assert r.status_code == 400 and "error" in r.json()
+    r = httpx.post(fake_server.url + "/v1/completions", data={"prompt": "hi"})
+    assert r.status_code == 400 and "error" in r.json()
+
+
+def test_wrong_types_name_the_field(fake_server: RunningServer) -> None:
+    for body, param in [
+        ({"prompt": "a", "max_tokens": "many"}, "max_tokens"),
+        ({"prompt": "a", "stop": 5}, "stop"),
+        ({"prompt": {"text": "a"}}, "prompt"),
+        ({"prompt": "a", "logit_bias": {"x": 1}}, "logit_bias"),
+    ]:
+        r = post(fake_server, "/v1/completions", body)
+        assert r.status_code == 400, (body, r.text)
+        assert r.json()["error"]["param"].split(".")[0] == param, r.json()
