@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 from llmserve.core.errors import ContextLengthExceededError, EngineError, InvalidRequestError
 from llmserve.core.request import (
@@ -16,7 +16,7 @@ from llmserve.core.request import (
     Usage,
 )
 from llmserve.core.stops import StopMatcher
-from llmserve.engines.base import EngineStats, ModelInfo
+from llmserve.engines.base import AdapterSpec, EngineStats, ModelInfo
 
 WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
 CONTEXT = 256
@@ -44,6 +44,7 @@ class FakeEngine:
             description="fake engine",
         )
         self.aborted: list[str] = []
+        self.adapters: list[AdapterSpec] = []
 
     def tokenize(self, text: str, add_special: bool) -> list[int]:
         """One token per character."""
@@ -56,14 +57,14 @@ class FakeEngine:
     async def generate(self, req: GenerationRequest) -> AsyncIterator[Delta]:
         """Emit WORDS in turn, honouring max_tokens, stop strings, n and logprobs."""
         p = req.params
+        if any(t >= self.info.vocab_size for t in req.prompt_tokens):
+            raise InvalidRequestError("token id out of range", param="prompt")
         prompt = self.detokenize(req.prompt_tokens)
         if prompt.startswith("fail-now"):
             raise EngineError("llama_decode failed (injected)")
-        if any(t >= self.info.vocab_size for t in req.prompt_tokens):
-            raise InvalidRequestError("token id out of range", param="prompt")
         budget = CONTEXT - len(req.prompt_tokens)
         max_tokens = p.max_tokens if p.max_tokens is not None else min(budget, 8)
-        if len(req.prompt_tokens) + max_tokens > CONTEXT:
+        if max_tokens < 1 or len(req.prompt_tokens) + max_tokens > CONTEXT:
             raise ContextLengthExceededError(
                 f"prompt {len(req.prompt_tokens)} + max_tokens {max_tokens} > {CONTEXT}",
                 param="max_tokens",
@@ -113,6 +114,10 @@ class FakeEngine:
     def stats(self) -> EngineStats:
         """Always idle and alive."""
         return EngineStats(0, 0, 1, 1, 0, CONTEXT, 0, 0, 0, 0, True)
+
+    async def set_adapters(self, adapters: Sequence[AdapterSpec]) -> None:
+        """Remember the adapters (the fake has no weights to change)."""
+        self.adapters = list(adapters)
 
     async def close(self) -> None:
         """Nothing to free."""

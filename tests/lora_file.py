@@ -44,14 +44,20 @@ def write_lora(
     *,
     arch: str = "llama",
     general_type: str = "adapter",
-    alpha: float = 4.0,
+    alpha: float | str = 4.0,
 ) -> Path:
-    """Write a LoRA adapter GGUF (by default the one `smol_lora_tensors()` describes)."""
+    """Write a LoRA adapter GGUF (by default the one `smol_lora_tensors()` describes).
+
+    A string `alpha` is stored with the wrong GGUF type, as a damaged file would have it.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = GGUFWriter(path, arch)  # also writes general.architecture
     writer.add_type(general_type)
     writer.add_string("adapter.type", "lora")
-    writer.add_float32("adapter.lora.alpha", alpha)
+    if isinstance(alpha, str):
+        writer.add_string("adapter.lora.alpha", alpha)
+    else:
+        writer.add_float32("adapter.lora.alpha", alpha)
     for name, array in (smol_lora_tensors() if tensors is None else tensors).items():
         writer.add_tensor(name, array)
     writer.write_header_to_file()

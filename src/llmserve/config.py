@@ -81,6 +81,18 @@ class Settings(BaseSettings):
     use_mmap: bool = Field(True, description="Memory-map the model file.")
     cache_type_k: str | None = Field(None, description="KV cache type for K (f16, q8_0, ...).")
     cache_type_v: str | None = Field(None, description="KV cache type for V (f16, q8_0, ...).")
+    rope_freq_base: float | None = Field(
+        None,
+        ge=0,
+        allow_inf_nan=False,
+        description="RoPE base frequency (empty or 0: the model's own).",
+    )
+    rope_freq_scale: float | None = Field(
+        None,
+        ge=0,
+        allow_inf_nan=False,
+        description="RoPE frequency scale; 0.5 stretches the context 2x (empty or 0: the model's).",
+    )
 
     # Limits
     request_timeout: float | None = Field(

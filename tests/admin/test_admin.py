@@ -16,6 +16,7 @@ from llmserve.app import create_app
 from llmserve.config import Settings
 from llmserve.models.defaults import default_model_path
 from tests.conftest import TEST_SETTINGS
+from tests.lora_file import write_lora
 from tests.server import RunningServer, serve
 
 API_KEY = "api-key-for-tests"
@@ -35,6 +36,8 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (models / "not-gguf.gguf").write_text("this is not a model\n")
     with default_model_path().open("rb") as src:
         (models / "truncated.gguf").write_bytes(src.read(4 << 20))
+    write_lora(root / "loras" / "smol-lora.gguf")
+    (root / "loras" / "broken.gguf").write_text("not an adapter\n")
     (root / "templates").mkdir()
     (root / "templates" / "plain.jinja").write_text(
         "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -55,6 +58,7 @@ def server(home: Path) -> Iterator[RunningServer]:
     settings = Settings(
         model=str(home / "models" / "smol-a.gguf"),
         models_dir=home / "models",
+        loras_dir=home / "loras",
         templates_dir=home / "templates",
         sampler_overrides_dir=home / "presets",
         api_tokens_file=home / "api_tokens.yml",
@@ -255,3 +259,34 @@ def test_token_routes(server: RunningServer) -> None:
     info = get(server, "/tokenizer_info", API).json()
     assert info["eos_token"] == "<|im_end|>" and info["eos_token_id"] == 2
     assert "im_start" in info["chat_template"]
+
+
+def chat_text(server: RunningServer) -> str:
+    r = post(server, "/v1/chat/completions", HELLO, API)
+    assert r.status_code == 200, r.text
+    return str(r.json()["choices"][0]["message"]["content"])
+
+
+def lora_listing(server: RunningServer, headers: dict[str, str]) -> dict[str, tuple[bool, float]]:
+    cards = get(server, "/v1/loras", headers).json()["data"]
+    return {c["id"]: (c["active"], c["scaling"]) for c in cards}
+
+
+def test_lora_load_list_and_unload(server: RunningServer) -> None:
+    original = chat_text(server)
+    assert lora_listing(server, ADMIN) == {"broken": (False, None), "smol-lora": (False, None)}
+    assert lora_listing(server, API) == {}
+    load = {"loras": [{"name": "smol-lora", "scaling": 1.0}]}
+    assert post(server, "/v1/lora/load", load, ADMIN).status_code == 200
+    adapted = chat_text(server)
+    assert adapted != original
+    assert lora_listing(server, API) == {"smol-lora": (True, 1.0)}
+    assert lora_listing(server, ADMIN)["smol-lora"] == (True, 1.0)
+    refused = post(server, "/v1/lora/load", {"loras": [{"name": "broken"}]}, ADMIN)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "loras"
+    assert post(server, "/v1/lora/load", {"loras": [{"name": "nope"}]}, ADMIN).status_code == 404
+    assert lora_listing(server, API) == {"smol-lora": (True, 1.0)}
+    assert chat_text(server) == adapted
+    assert post(server, "/v1/lora/unload", {}, ADMIN).json()["status"] == "unloaded"
+    assert lora_listing(server, API) == {}
+    assert chat_text(server) == original

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -16,6 +17,8 @@ from llmserve.core.errors import (
     NotFoundError,
     PayloadTooLargeError,
 )
+
+log = logging.getLogger(__name__)
 
 ErrorRenderer = Callable[[LLMServeError], JSONResponse]
 HTTP_ERRORS: dict[int, type[LLMServeError]] = {404: NotFoundError, 413: PayloadTooLargeError}
@@ -49,6 +52,13 @@ def install_error_handlers(app: FastAPI, renderers: ErrorRenderers) -> None:
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         return render(request, validation_error(exc))
+
+    @app.exception_handler(Exception)
+    async def on_unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+        # A bug, not a client mistake: log it whole, answer in the dialect's shape.
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        error = LLMServeError(f"internal error: {type(exc).__name__}")
+        return render(request, error)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
+from llmserve.core.errors import EngineError
 from llmserve.core.request import Delta
 
 
@@ -23,7 +24,11 @@ async def open_stream(stream: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
     An HTTP response can still become an error status at this point; once the first byte of
     a stream is sent, errors can only be reported inside the stream.
     """
-    first = await anext(stream)
+    try:
+        first = await anext(stream)
+    except StopAsyncIteration:
+        # Engines end every request with a final delta; an empty stream is an engine fault.
+        raise EngineError("the engine ended the request without any output") from None
 
     async def chained() -> AsyncIterator[Delta]:
         try:

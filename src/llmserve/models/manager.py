@@ -48,6 +48,8 @@ class LoadOptions:
     cache_type_k: str | None = None
     cache_type_v: str | None = None
     use_mmap: bool | None = None
+    rope_freq_base: float | None = None
+    rope_freq_scale: float | None = None
 
 
 @dataclass
@@ -305,6 +307,8 @@ class ModelManager:
             use_mmap=pick(options.use_mmap, s.use_mmap),
             cache_type_k=pick(options.cache_type_k, s.cache_type_k),
             cache_type_v=pick(options.cache_type_v, s.cache_type_v),
+            rope_freq_base=pick(options.rope_freq_base, s.rope_freq_base),
+            rope_freq_scale=pick(options.rope_freq_scale, s.rope_freq_scale),
         )
 
     @staticmethod

@@ -21,6 +21,8 @@ class ModelLoadRequest(BaseModel):
     cache_type_k: str | None = None
     cache_type_v: str | None = None
     use_mmap: bool | None = None
+    rope_freq_base: float | None = Field(None, ge=0, allow_inf_nan=False)
+    rope_freq_scale: float | None = Field(None, ge=0, allow_inf_nan=False)
     stream: bool = False
 
 

@@ -253,6 +253,8 @@ def _load_options(body: ModelLoadRequest) -> LoadOptions:
         cache_type_k=body.cache_type_k,
         cache_type_v=body.cache_type_v,
         use_mmap=body.use_mmap,
+        rope_freq_base=body.rope_freq_base,
+        rope_freq_scale=body.rope_freq_scale,
     )
 
 

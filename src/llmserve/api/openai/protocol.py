@@ -16,9 +16,12 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from llmserve import __version__
 from llmserve.api.sampling import SamplerFields
 
-TokenIds = list[Annotated[int, Field(ge=0)]]
+TokenIds = list[Annotated[int, Field(ge=0, le=2**31 - 1)]]  # llama_token is int32
+# OpenAI's schema wants a string here; ours names the server build.
+SYSTEM_FINGERPRINT = f"fp_llmserve_{__version__}"
 
 
 def new_id(prefix: str) -> str:
@@ -188,7 +191,7 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: UsageInfo | None = None
-    system_fingerprint: str | None = None
+    system_fingerprint: str = SYSTEM_FINGERPRINT
 
 
 class ChatTopLogprob(BaseModel):
@@ -240,7 +243,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo
-    system_fingerprint: str | None = None
+    system_fingerprint: str = SYSTEM_FINGERPRINT
 
 
 class ChatDelta(BaseModel):
@@ -275,7 +278,7 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatChunkChoice]
     usage: UsageInfo | None = None
-    system_fingerprint: str | None = None
+    system_fingerprint: str = SYSTEM_FINGERPRINT
 
 
 class ModelCard(BaseModel):

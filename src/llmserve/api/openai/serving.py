@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
 
 from fastapi.responses import JSONResponse
 
@@ -218,8 +218,12 @@ class OpenAIServing:
         )
 
 
-def _sse(model: Any) -> str:
-    return model.model_dump_json(exclude_unset=False)
+def _sse(chunk: CompletionResponse | ChatCompletionChunk) -> str:
+    """A stream chunk as JSON; `usage` appears only on the chunk that carries it (as OpenAI)."""
+    data = chunk.model_dump(mode="json")
+    if data.get("usage") is None:
+        del data["usage"]
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
 
 
 class CompletionWriter:

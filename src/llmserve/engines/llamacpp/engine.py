@@ -1,28 +1,35 @@
 """LlamaCppEngine: llama.cpp with continuous batching, run by one engine thread.
 
-The engine thread owns the llama.cpp context and loops: take new requests and aborts, run one
-step (admit, one batch, one llama_decode, sample), publish a stats snapshot. asyncio callers
-never block on it: requests go in through a lock-protected inbox, deltas come back through
-each request's asyncio.Queue via `loop.call_soon_threadsafe`.
+The engine thread owns the llama.cpp context and loops: take new requests, aborts and
+commands, run one step (admit, one batch, one llama_decode, sample), publish a stats snapshot.
+asyncio callers never block on it: requests go in through a lock-protected inbox, deltas come
+back through each request's asyncio.Queue via `loop.call_soon_threadsafe`. Commands (LoRA
+changes) run between steps and resolve their caller's future the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import math
 import os
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 
 from llmserve.core.errors import (
     ContextLengthExceededError,
+    EngineError,
     InvalidRequestError,
+    LLMServeError,
     QueueFullError,
     ServiceUnavailableError,
 )
 from llmserve.core.request import Delta, GenerationRequest
-from llmserve.engines.base import EngineStats, ModelInfo
+from llmserve.engines.base import AdapterSpec, EngineStats, ModelInfo
+from llmserve.engines.llamacpp.adapters import AdapterFile, check_adapters
 from llmserve.engines.llamacpp.batch import TokenBatch
 from llmserve.engines.llamacpp.model import KV_CACHE_TYPES, ContextSettings, LlamaModel
 from llmserve.engines.llamacpp.runner import StepRunner
@@ -53,6 +60,8 @@ class LlamaCppConfig:
     use_mmap: bool = True
     cache_type_k: str | None = None  # e.g. "f16", "q8_0"; None: llama.cpp's default
     cache_type_v: str | None = None
+    rope_freq_base: float | None = None  # None (or 0): the model's RoPE base frequency
+    rope_freq_scale: float | None = None  # None (or 0): the model's; 0.5 stretches context 2x
     kv_unified: bool = True  # one KV buffer for all slots: needed to share prompt prefixes
     # Let llama.cpp repack weights for CPU-specific kernels (AMX, ...) at load. Off by default:
     # in VMs that advertise AMX without enabling it, the first llama_decode segfaults.
@@ -79,6 +88,12 @@ class LlamaCppConfig:
                 raise ValueError(
                     f"{name} must be one of {sorted(KV_CACHE_TYPES)}, got {cache_type!r}"
                 )
+        for name, rope in (
+            ("rope_freq_base", self.rope_freq_base),
+            ("rope_freq_scale", self.rope_freq_scale),
+        ):
+            if rope is not None and not (math.isfinite(rope) and rope >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {rope}")
 
     def resolve_ctx_size(self, n_ctx_train: int) -> int:
         """Per-sequence context: the configured one, else the model's capped at 4096."""
@@ -93,6 +108,23 @@ class LlamaCppConfig:
         return max(1, min(MAX_DEFAULT_PARALLEL, KV_TOKEN_BUDGET // ctx_size))
 
 
+@dataclass(eq=False)
+class EngineCommand:
+    """Work for the engine thread between steps; `settle` reports the outcome to the caller."""
+
+    action: Callable[[], None]
+    settle: Callable[[Exception | None], None]  # callable from any thread
+
+
+def _settle_future(future: asyncio.Future[None], error: Exception | None) -> None:
+    if future.done():  # the caller stopped waiting (cancelled)
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
+
+
 class LlamaCppEngine:
     """The default engine: llama.cpp through its low-level API, with our own scheduler."""
 
@@ -104,11 +136,13 @@ class LlamaCppEngine:
         self.info = info
         self.parallel = len(runner.scheduler.slots)
         self._model = model
+        self._adapter_target = model.adapter_target()
         self._runner = runner
         self._cond = threading.Condition()
         self._inbox: list[RequestGroup] = []
         self._aborted_groups: list[RequestGroup] = []
         self._aborted_ids: set[str] = set()
+        self._commands: list[EngineCommand] = []
         self._stopping = False
         self._alive = True
         self._error: str | None = None
@@ -179,6 +213,17 @@ class LlamaCppEngine:
                 alive=self._alive,
                 error=self._error,
             )
+
+    async def set_adapters(self, adapters: Sequence[AdapterSpec]) -> None:
+        """Apply exactly these LoRA adapters from the next step on (empty: none).
+
+        Running sequences go on under the new weights; no prompt reuses KV computed before.
+        Files are checked off the engine thread; reading a new adapter into llama.cpp pauses
+        decoding for as long as that takes (adapters stay loaded for the next change).
+        """
+        self._ensure_running()
+        files = await asyncio.to_thread(check_adapters, adapters, self._adapter_target)
+        await self._call(partial(self._apply_adapters, files))
 
     async def close(self) -> None:
         """Abort everything, stop the engine thread and free llama.cpp resources."""
@@ -298,6 +343,22 @@ class LlamaCppEngine:
             self._aborted_groups.append(group)
             self._cond.notify()
 
+    async def _call(self, action: Callable[[], None]) -> None:
+        """Run `action` on the engine thread between two steps and wait for it."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+
+        def settle(error: Exception | None) -> None:
+            # A closed loop means the caller is gone and nobody waits for the outcome.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_settle_future, future, error)
+
+        with self._cond:
+            self._ensure_running()
+            self._commands.append(EngineCommand(action, settle))
+            self._cond.notify()
+        await future
+
     # -- the engine thread -----------------------------------------------------------------
 
     def _run(self) -> None:
@@ -321,6 +382,9 @@ class LlamaCppEngine:
             inbox, self._inbox = self._inbox, []
             aborted, self._aborted_groups = self._aborted_groups, []
             aborted_ids, self._aborted_ids = self._aborted_ids, set()
+            commands, self._commands = self._commands, []
+        for command in commands:  # first, so requests queued meanwhile see their effect
+            self._run_command(command)
         for group in inbox:
             self._runner.submit(group)
         for group in aborted:
@@ -334,7 +398,32 @@ class LlamaCppEngine:
         return True
 
     def _has_commands(self) -> bool:
-        return bool(self._inbox or self._aborted_groups or self._aborted_ids)
+        return bool(self._inbox or self._aborted_groups or self._aborted_ids or self._commands)
+
+    def _run_command(self, command: EngineCommand) -> None:
+        try:
+            command.action()
+        except LLMServeError as error:
+            command.settle(error)
+        except Exception as error:  # a failed command must not take the engine down
+            logger.exception("an engine command failed")
+            command.settle(EngineError(f"{type(error).__name__}: {error}"))
+        except BaseException:
+            command.settle(ServiceUnavailableError("the engine is stopping"))
+            raise
+        else:
+            command.settle(None)
+
+    def _apply_adapters(self, files: list[AdapterFile]) -> None:
+        """Engine thread: load and apply the adapters; stale prefix caches go."""
+        if self._model.loras.apply(self._model.ctx, files):
+            self._runner.scheduler.invalidate_prefix_cache()
+
+    def _fail_commands(self, error: Exception) -> None:
+        with self._cond:
+            commands, self._commands = self._commands, []
+        for command in commands:
+            command.settle(error)
 
     def _publish(self) -> None:
         snapshot = self._runner.stats(alive=True, error=None)
@@ -345,6 +434,7 @@ class LlamaCppEngine:
 
     def _shut_down(self) -> None:
         """Normal stop: every request ends with ABORT, then llama.cpp is freed."""
+        self._fail_commands(ServiceUnavailableError("the engine stopped"))
         with self._cond:
             inbox, self._inbox = self._inbox, []
             self._alive = False
@@ -362,6 +452,7 @@ class LlamaCppEngine:
             self._alive = False
             self._error = f"{type(error).__name__}: {error}"
             inbox, self._inbox = self._inbox, []
+        self._fail_commands(ServiceUnavailableError(f"the engine stopped: {self._error}"))
         self._runner.flush_outbox()  # what was already produced is still valid
         pending = inbox + self._runner.groups()
         for group in pending:
@@ -393,6 +484,8 @@ def _prepare_runner(config: LlamaCppConfig, model: LlamaModel) -> tuple[ModelInf
             cache_type_k=config.cache_type_k,
             cache_type_v=config.cache_type_v,
             kv_unified=config.kv_unified,
+            rope_freq_base=config.rope_freq_base,
+            rope_freq_scale=config.rope_freq_scale,
         )
     )
     info = model.describe(config.model_id, ctx_size)

@@ -13,9 +13,11 @@ import numpy as np
 
 from llmserve.core.errors import EngineError
 from llmserve.engines.base import ModelInfo
+from llmserve.engines.llamacpp.adapters import AdapterTarget, LoraAdapters
 from llmserve.engines.llamacpp.sampling import FloatRow
 
 DESC_BUFFER = 256
+META_BUFFER = 128
 
 GGML_TYPE_BF16 = 30  # ggml.h's value; llama-cpp-python does not export it
 KV_CACHE_TYPES = {
@@ -44,6 +46,8 @@ class ContextSettings:
     cache_type_k: str | None
     cache_type_v: str | None
     kv_unified: bool
+    rope_freq_base: float | None = None  # None: the model's
+    rope_freq_scale: float | None = None
 
 
 llama_logger = logging.getLogger("llmserve.llama_cpp")
@@ -86,6 +90,7 @@ class LlamaModel:
         self.n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(model))
         self.ctx: Any = None
         self.memory: Any = None
+        self.loras = LoraAdapters(model)
         self._pieces: dict[tuple[int, bool], bytes] = {}
 
     @classmethod
@@ -125,6 +130,10 @@ class LlamaModel:
         if settings.cache_type_v is not None:
             params.type_v = KV_CACHE_TYPES[settings.cache_type_v]
         params.kv_unified = settings.kv_unified
+        if settings.rope_freq_base is not None:
+            params.rope_freq_base = settings.rope_freq_base
+        if settings.rope_freq_scale is not None:
+            params.rope_freq_scale = settings.rope_freq_scale
         params.no_perf = True
         ctx = llama_cpp.llama_init_from_model(self.model, params)
         if not ctx:
@@ -242,17 +251,31 @@ class LlamaModel:
             description=desc.value.decode("utf-8", errors="replace"),
         )
 
+    def adapter_target(self) -> AdapterTarget:
+        """The architecture and expert count a LoRA adapter must match."""
+        arch = self.meta("general.architecture") or ""
+        experts = self.meta(f"{arch}.expert_count")
+        return AdapterTarget(arch, int(experts) if experts and experts.isdigit() else 0)
+
+    def meta(self, key: str) -> str | None:
+        """A GGUF metadata value of the model as text (None when absent)."""
+        buffer = ctypes.create_string_buffer(META_BUFFER)
+        if llama_cpp.llama_model_meta_val_str(self.model, key.encode(), buffer, META_BUFFER) < 0:
+            return None
+        return buffer.value.decode("utf-8", errors="replace")
+
     def _special_text(self, token: int | None) -> str:
         if token is None:
             return ""
         return self.piece(token, special=True).decode("utf-8", errors="replace")
 
     def free(self) -> None:
-        """Free the context and the weights; safe to call twice."""
+        """Free the context, the LoRA adapters and the weights; safe to call twice."""
         if self.ctx is not None:
             llama_cpp.llama_free(self.ctx)
             self.ctx = None
             self.memory = None
+        self.loras.free()  # the context that applied them is gone; the model is still here
         if self.model is not None:
             llama_cpp.llama_model_free(self.model)
             self.model = None

@@ -59,6 +59,7 @@ class Slot:
     tokens: list[int] = field(default_factory=list)
     owner: Sequence | None = None
     last_used: int = 0  # scheduler step when it was last released; older caches go first
+    reusable: bool = True  # False: part of its KV was computed under other weights (LoRA)
 
     @property
     def is_free(self) -> bool:
@@ -295,7 +296,8 @@ class Scheduler:
         # The last prompt token is always prefilled: its logits pick the first new token.
         limit = len(prompt) - 1
         shared = {
-            slot.seq_id: common_prefix_length(slot.tokens, prompt, limit) for slot in self.slots
+            slot.seq_id: common_prefix_length(slot.tokens, prompt, limit) if slot.reusable else 0
+            for slot in self.slots
         }
         own = max(free, key=lambda s: (shared[s.seq_id], -s.last_used))
         own_length = shared[own.seq_id]
@@ -324,6 +326,8 @@ class Scheduler:
         """Keep only the first `length` tokens of the slot's KV."""
         self._memory.drop_from(slot.seq_id, length)
         del slot.tokens[length:]
+        if length == 0:
+            slot.reusable = True
 
     def _copy_prefix(self, source: Slot, target: Slot, length: int) -> None:
         """Replace `target`'s KV with the first `length` tokens of `source`'s."""
@@ -402,6 +406,7 @@ class Scheduler:
             # The source holds exactly the prompt now, so a whole-sequence copy is that prefix.
             self._memory.copy_all(source.slot.seq_id, seq.slot.seq_id)
             seq.slot.tokens = list(seq.prompt)
+            seq.slot.reusable = source.slot.reusable
             seq.n_prefilled = len(seq.prompt)
             seq.status = SeqStatus.DECODE
         return forks
@@ -422,6 +427,18 @@ class Scheduler:
             freed += len(slot.tokens)
             self._clear(slot)
         return freed
+
+    def invalidate_prefix_cache(self) -> None:
+        """The weights changed (LoRA): KV computed so far must not serve new prompts.
+
+        Free slots are cleared now; running sequences keep their KV and go on, but their slots
+        are never shared from again and are cleared when next assigned.
+        """
+        for slot in self.slots:
+            if slot.is_free:
+                self._clear(slot)
+            else:
+                slot.reusable = False
 
     # -- ending ----------------------------------------------------------------------------
 
