@@ -53,6 +53,31 @@ def create_app(settings: Settings, models: ModelManager | None = None) -> FastAP
         await manager.close()
 
     app = FastAPI(title="llmserve", version=__version__, lifespan=lifespan)
+    _attach_state(app, settings, manager, keys, metrics)
+    _add_middleware(app, settings)
+    app.include_router(ops.build_router())
+    app.include_router(admin_routes.build_info_router())
+    if settings.admin_api and settings.admin_port is None:
+        app.include_router(admin_routes.build_admin_router())
+    app.include_router(openai_routes.build_router(), dependencies=[Depends(require_api)])
+    app.include_router(kobold_routes.build_router(require_key=settings.kobold_auth))
+    app.include_router(together_routes.build_router(), dependencies=[Depends(require_api)])
+    return app
+
+
+def create_admin_app(main: FastAPI) -> FastAPI:
+    """The admin routes alone, for a separate host/port, sharing the main app's state."""
+    admin = FastAPI(title="llmserve admin", version=__version__)
+    for name in ("settings", "models", "keys", "metrics", "overrides", "admin"):
+        setattr(admin.state, name, getattr(main.state, name))
+    _add_middleware(admin, main.state.settings)
+    admin.include_router(admin_routes.build_admin_router())
+    return admin
+
+
+def _attach_state(
+    app: FastAPI, settings: Settings, manager: ModelManager, keys: KeyStore, metrics: Metrics
+) -> None:
     app.state.settings = settings
     app.state.models = manager
     app.state.keys = keys
@@ -63,6 +88,9 @@ def create_app(settings: Settings, models: ModelManager | None = None) -> FastAP
     kobold_protected = settings.kobold_auth and not settings.disable_auth
     app.state.kobold = KoboldServing(manager, protected=kobold_protected)
     app.state.together = TogetherServing(manager)
+
+
+def _add_middleware(app: FastAPI, settings: Settings) -> None:
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.cors_origins,
@@ -80,15 +108,7 @@ def create_app(settings: Settings, models: ModelManager | None = None) -> FastAP
     )
     install_error_handlers(app, renderers)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, renderers=renderers)
-    app.add_middleware(AccessLog, metrics=metrics)
-    app.include_router(ops.build_router())
-    app.include_router(admin_routes.build_info_router())
-    if settings.admin_api:
-        app.include_router(admin_routes.build_admin_router())
-    app.include_router(openai_routes.build_router(), dependencies=[Depends(require_api)])
-    app.include_router(kobold_routes.build_router(require_key=settings.kobold_auth))
-    app.include_router(together_routes.build_router(), dependencies=[Depends(require_api)])
-    return app
+    app.add_middleware(AccessLog, metrics=app.state.metrics)
 
 
 def _serving_engine(engine: Engine, settings: Settings, metrics: Metrics) -> Engine:

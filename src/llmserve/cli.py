@@ -7,11 +7,14 @@ import ipaddress
 import logging
 import sys
 from pathlib import Path
-from typing import Any, get_args, get_origin
+from typing import TYPE_CHECKING, Any, get_args, get_origin
 
 from pydantic import ValidationError
 
 from llmserve.config import Settings, example_config, load_settings
+
+if TYPE_CHECKING:
+    import uvicorn
 
 log = logging.getLogger("llmserve")
 
@@ -94,23 +97,47 @@ def is_loopback(host: str) -> bool:
 
 def serve(settings: Settings) -> None:
     """Run uvicorn with the app built from `settings` until SIGTERM/SIGINT."""
-    import uvicorn
+    import asyncio
 
-    from llmserve.app import create_app
-    from llmserve.shutdown import GracefulServer
+    from llmserve.app import create_admin_app, create_app
+    from llmserve.shutdown import CompanionServer, GracefulServer
 
     app = create_app(settings)
-    config = uvicorn.Config(
+    server = GracefulServer(
+        _uvicorn_config(app, settings.host, settings.port, settings),
+        app.state.models,
+        settings.shutdown_grace,
+    )
+    if settings.admin_api and settings.admin_port is not None:
+        admin_host = settings.admin_host or settings.host
+        admin = CompanionServer(
+            _uvicorn_config(create_admin_app(app), admin_host, settings.admin_port, settings)
+        )
+        server.companions.append(admin)
+        asyncio.run(_serve_all(server, admin))
+    else:
+        server.run()
+
+
+async def _serve_all(*servers: uvicorn.Server) -> None:
+    import asyncio
+
+    await asyncio.gather(*(s.serve() for s in servers))
+
+
+def _uvicorn_config(app: Any, host: str, port: int, settings: Settings) -> uvicorn.Config:
+    import uvicorn
+
+    return uvicorn.Config(
         app,
-        host=settings.host,
-        port=settings.port,
+        host=host,
+        port=port,
         log_level=settings.log_level,
         timeout_keep_alive=30,
         # Past the grace period streams are aborted and end with a final event; this margin
         # lets those last events reach the clients before uvicorn cancels what is left.
         timeout_graceful_shutdown=int(settings.shutdown_grace) + 10,
     )
-    GracefulServer(config, app.state.models, settings.shutdown_grace).run()
 
 
 def main(argv: list[str] | None = None) -> None:

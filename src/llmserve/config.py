@@ -56,6 +56,15 @@ class Settings(BaseSettings):
         False, description="Load a model from models_dir when a request names it."
     )
     admin_api: bool = Field(True, description="Serve the admin API (model/LoRA/template/preset).")
+    admin_host: str | None = Field(
+        None, description="Address for the admin API when it has its own port (default: host)."
+    )
+    admin_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Serve the admin API on this port only, apart from the rest.",
+    )
 
     # Engine
     ctx_size: int | None = Field(

@@ -30,6 +30,7 @@ class GracefulServer(uvicorn.Server):
         self.models = models
         self.grace = grace
         self._closing: asyncio.Future[None] | None = None
+        self.companions: list[uvicorn.Server] = []  # servers that stop when this one does
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -49,9 +50,13 @@ class GracefulServer(uvicorn.Server):
         if self.should_exit:
             log.warning("second signal: exiting now")
             self.force_exit = True
+            for companion in self.companions:
+                companion.force_exit = True
             return
         log.info("shutting down: finishing in-flight requests for up to %ss", self.grace)
         super().handle_exit(sig, frame)
+        for companion in self.companions:
+            companion.should_exit = True
         loop = asyncio.get_event_loop()
         loop.call_soon_threadsafe(loop.call_later, self.grace, self._end_remaining)
 
@@ -60,3 +65,12 @@ class GracefulServer(uvicorn.Server):
         # then sse-starlette may close whatever stream is left.
         self._closing = asyncio.ensure_future(self.models.close())
         self._closing.add_done_callback(lambda _: setattr(AppStatus, "should_exit", True))
+
+
+class CompanionServer(uvicorn.Server):
+    """A server (the separate admin port) that leaves signals to the main GracefulServer."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """Install nothing: the main server stops this one."""
+        yield

@@ -126,3 +126,22 @@ def test_second_signal_exits_at_once(tmp_path: Path) -> None:
         process.wait(timeout=30)
         assert time.monotonic() - started < 20
         sock.close()
+
+
+def test_admin_api_on_its_own_port(tmp_path: Path) -> None:
+    admin_port = free_port()
+    with llmserve(tmp_path, "--disable-auth", "--admin-port", str(admin_port)) as (process, port):
+        main = f"http://127.0.0.1:{port}"
+        admin = f"http://127.0.0.1:{admin_port}"
+        assert httpx.post(main + "/v1/template/unload").status_code == 404
+        assert httpx.post(admin + "/v1/template/unload").status_code == 200
+        assert httpx.get(admin + "/v1/models").status_code == 404  # only admin routes there
+        assert httpx.get(main + "/v1/models").status_code == 200
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+
+
+def test_admin_api_can_be_disabled(tmp_path: Path) -> None:
+    with llmserve(tmp_path, "--disable-auth", "--no-admin-api") as (process, port):
+        assert httpx.post(f"http://127.0.0.1:{port}/v1/model/unload").status_code == 404
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/model").status_code == 200
