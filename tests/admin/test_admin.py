@@ -290,3 +290,32 @@ def test_lora_load_list_and_unload(server: RunningServer) -> None:
     assert post(server, "/v1/lora/unload", {}, ADMIN).json()["status"] == "unloaded"
     assert lora_listing(server, API) == {}
     assert chat_text(server) == original
+
+
+def test_load_too_large_for_memory_is_refused(server: RunningServer) -> None:
+    body = {"model_name": "smol-b", "max_seq_len": 1 << 20, "parallel": 256}
+    r = post(server, "/v1/model/load", body, ADMIN)
+    assert r.status_code == 400
+    assert r.json()["error"]["code"] == "insufficient_memory"
+    assert "MiB" in r.json()["error"]["message"]
+    assert chat_model(server) == "smol-a"
+
+
+def test_inline_model_loading(home: Path) -> None:
+    settings = Settings(
+        model=str(home / "models" / "smol-a.gguf"),
+        models_dir=home / "models",
+        api_tokens_file=home / "api_tokens.yml",
+        inline_model_loading=True,
+        **TEST_SETTINGS,
+    )
+    with serve(create_app(settings)) as inline:
+        body = {**HELLO, "model": "smol-b"}
+        r = post(inline, "/v1/chat/completions", body, API)
+        assert r.status_code == 200, r.text
+        assert r.json()["model"] == "smol-b"
+        # A name that is not in the folder is still served by the loaded model.
+        assert (
+            post(inline, "/v1/chat/completions", {**HELLO, "model": "gpt-4"}, API).json()["model"]
+            == "smol-b"
+        )
