@@ -1,0 +1,105 @@
+"""CORS from a real browser: headless Chromium on a page served from another loopback port."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import tempfile
+import threading
+from collections.abc import Iterator
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from llmserve.app import create_app
+from llmserve.config import Settings
+from llmserve.core.templates import load_template
+from llmserve.models.manager import ModelManager
+from tests.fake_engine import FakeEngine
+from tests.server import RunningServer, serve
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
+
+PAGE = """<!doctype html><html><body><pre id="out">pending</pre><script>
+fetch("%(api)s/v1/chat/completions", {
+  method: "POST",
+  headers: {"Content-Type": "application/json", "Authorization": "Bearer browser-key"},
+  body: JSON.stringify({model: "m", messages: [{role: "user", content: "Hello!"}], max_tokens: 2}),
+}).then(r => r.json())
+  .then(d => { show("reply:" + d.choices[0].message.content); })
+  .catch(e => { show("blocked:" + e); });
+function show(text) { document.getElementById("out").textContent = text; }
+</script></body></html>"""
+
+
+def llmserve_app(tmp: Path, origins: list[str]) -> object:
+    settings = Settings(
+        api_key=["browser-key"], api_tokens_file=tmp / "t.yml", cors_origins=origins
+    )
+    manager = ModelManager(settings)
+    manager.register(FakeEngine(), ["m"], load_template(None, "gguf"))
+    return create_app(settings, manager)
+
+
+@pytest.fixture
+def page_server(tmp_path: Path) -> Iterator[tuple[Path, int]]:
+    handler = partial(SimpleHTTPRequestHandler, directory=str(tmp_path))
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield tmp_path, int(httpd.server_address[1])
+    finally:
+        httpd.shutdown()
+
+
+def browse(page_dir: Path, page_port: int, api: RunningServer) -> str:
+    (page_dir / "index.html").write_text(PAGE % {"api": api.url})
+    with tempfile.TemporaryDirectory() as profile:
+        result = subprocess.run(
+            [
+                str(CHROMIUM),
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--user-data-dir={profile}",
+                "--virtual-time-budget=15000",
+                "--dump-dom",
+                f"http://127.0.0.1:{page_port}/index.html",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    found = re.search(r'<pre id="out">(.*?)</pre>', result.stdout, re.S)
+    assert found, result.stdout + result.stderr
+    return found.group(1)
+
+
+def test_cross_origin_fetch_with_preflight_works(
+    page_server: tuple[Path, int], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    page_dir, page_port = page_server
+    app = llmserve_app(tmp_path_factory.mktemp("cors"), ["*"])
+    with serve(app) as api:  # type: ignore[arg-type]
+        shown = browse(page_dir, page_port, api)
+    assert shown.startswith("reply:alpha beta")
+
+
+def test_origin_not_allowed_is_blocked_by_the_browser(
+    page_server: tuple[Path, int], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    page_dir, page_port = page_server
+    app = llmserve_app(tmp_path_factory.mktemp("cors"), ["http://127.0.0.1:1"])
+    with serve(app) as api:  # type: ignore[arg-type]
+        shown = browse(page_dir, page_port, api)
+    assert shown.startswith("blocked:")
