@@ -16,9 +16,10 @@ TEST_SETTINGS = {"ctx_size": 2048, "parallel": 8, "threads": 2, "threads_batch":
 
 
 @pytest.fixture(scope="session")
-def real_server() -> Iterator[RunningServer]:
+def real_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     """llmserve on the bundled SmolLM2 model, auth disabled."""
-    settings = Settings(disable_auth=True, **TEST_SETTINGS)
+    tokens = tmp_path_factory.mktemp("real") / "api_tokens.yml"
+    settings = Settings(disable_auth=True, api_tokens_file=tokens, **TEST_SETTINGS)
     with serve(create_app(settings)) as server:
         yield server
 

@@ -142,6 +142,6 @@ def test_admin_api_on_its_own_port(tmp_path: Path) -> None:
 
 
 def test_admin_api_can_be_disabled(tmp_path: Path) -> None:
-    with llmserve(tmp_path, "--disable-auth", "--no-admin-api") as (process, port):
+    with llmserve(tmp_path, "--disable-auth", "--no-admin-api") as (_process, port):
         assert httpx.post(f"http://127.0.0.1:{port}/v1/model/unload").status_code == 404
         assert httpx.get(f"http://127.0.0.1:{port}/v1/model").status_code == 200
