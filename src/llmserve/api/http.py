@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
+from pydantic import BaseModel
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -43,6 +44,13 @@ class LenientJSONRoute(APIRoute):
             return await handler(LenientJSONRequest(request.scope, request.receive))
 
         return lenient_handler
+
+
+def json_or_sse(result: BaseModel | AsyncIterator[str]) -> Response:
+    """A whole response as JSON, or a stream of SSE data lines."""
+    if isinstance(result, BaseModel):
+        return Response(result.model_dump_json(), media_type="application/json")
+    return sse_response(result)
 
 
 def sse_response(lines: AsyncIterator[str] | AsyncIterator[ServerSentEvent]) -> EventSourceResponse:

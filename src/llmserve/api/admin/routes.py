@@ -28,7 +28,7 @@ from llmserve.api.admin.protocol import (
     TokenizerInfo,
 )
 from llmserve.api.admin.serving import AdminServing
-from llmserve.api.http import LenientJSONRoute, sse_response
+from llmserve.api.http import LenientJSONRoute, json_or_sse
 from llmserve.auth import Permission, require_admin, require_api
 
 
@@ -50,9 +50,8 @@ def build_admin_router() -> APIRouter:
     @router.post("/v1/model/load", response_model=StatusResponse)
     async def load_model(body: ModelLoadRequest, admin: Admin) -> Response:
         if body.stream:
-            return sse_response(await admin.load_model_stream(body))
-        result = await admin.load_model(body)
-        return Response(result.model_dump_json(), media_type="application/json")
+            return json_or_sse(await admin.load_model_stream(body))
+        return json_or_sse(await admin.load_model(body))
 
     @router.post("/v1/model/unload")
     async def unload_model(admin: Admin) -> StatusResponse:

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from llmserve.api.http import LenientJSONRoute, sse_response, unless_disconnected
+from llmserve.api.http import LenientJSONRoute, json_or_sse, unless_disconnected
 from llmserve.api.openai.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -32,16 +32,10 @@ def build_router() -> APIRouter:
     router = APIRouter(route_class=LenientJSONRoute, tags=["openai"])
 
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        result = await unless_disconnected(request, _serving(request).completion(body))
-        if isinstance(result, CompletionResponse):
-            return Response(result.model_dump_json(), media_type="application/json")
-        return sse_response(result)
+        return json_or_sse(await unless_disconnected(request, _serving(request).completion(body)))
 
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        result = await unless_disconnected(request, _serving(request).chat(body))
-        if isinstance(result, ChatCompletionResponse):
-            return Response(result.model_dump_json(), media_type="application/json")
-        return sse_response(result)
+        return json_or_sse(await unless_disconnected(request, _serving(request).chat(body)))
 
     async def list_models(request: Request, granted: Granted) -> ModelList:
         return _serving(request).list_models(include_available=granted >= Permission.ADMIN)

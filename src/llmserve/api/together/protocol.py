@@ -13,6 +13,7 @@ from pydantic import (
     model_serializer,
 )
 
+from llmserve.api.openai.protocol import ErrorInfo
 from llmserve.api.sampling import SamplerFields
 
 DEFAULT_MAX_TOKENS = 128  # the legacy `together` SDK's default
@@ -104,21 +105,6 @@ class StreamChunk(BaseModel):
     id: str
     choices: list[StreamChoice]
     usage: Usage | None = None
-
-
-class ErrorInfo(BaseModel):
-    """What went wrong."""
-
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    """Together's error shape: {"error": {"message", "type", "param", "code"}}."""
-
-    error: ErrorInfo
 
 
 class StreamErrorInfo(ErrorInfo):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from llmserve.api.http import LenientJSONRoute, sse_response, unless_disconnected
+from llmserve.api.http import LenientJSONRoute, json_or_sse, unless_disconnected
 from llmserve.api.together.protocol import InferenceRequest, InferenceResponse
 from llmserve.api.together.serving import TogetherServing
 
@@ -20,10 +20,7 @@ def build_router() -> APIRouter:
     router = APIRouter(route_class=LenientJSONRoute, tags=["together"])
 
     async def inference(body: InferenceRequest, request: Request) -> Response:
-        result = await unless_disconnected(request, _serving(request).inference(body))
-        if isinstance(result, InferenceResponse):
-            return Response(result.model_dump_json(), media_type="application/json")
-        return sse_response(result)
+        return json_or_sse(await unless_disconnected(request, _serving(request).inference(body)))
 
     for path in ("/inference", "/api/inference"):
         router.add_api_route(

@@ -7,14 +7,10 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from fastapi.responses import JSONResponse
-
-from llmserve.api.errors import retry_headers
 from llmserve.api.openai.protocol import new_id
+from llmserve.api.openai.serving import openai_error_response
 from llmserve.api.together.protocol import (
     Choice,
-    ErrorInfo,
-    ErrorResponse,
     InferenceRequest,
     InferenceResponse,
     Output,
@@ -34,12 +30,8 @@ from llmserve.models.manager import LoadedModel, ModelManager
 DONE = "[DONE]"
 
 
-def together_error_response(exc: LLMServeError) -> JSONResponse:
-    """An error as Together's {"error": {...}} with its status."""
-    body = ErrorResponse(
-        error=ErrorInfo(message=exc.message, type=exc.type, param=exc.param, code=exc.code)
-    )
-    return JSONResponse(body.model_dump(), status_code=exc.status, headers=retry_headers(exc))
+# Together's API answers errors in OpenAI's {"error": {...}} shape, statuses included.
+together_error_response = openai_error_response
 
 
 def finish_reason(delta: Delta) -> TogetherFinishReason | None:
