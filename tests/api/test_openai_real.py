@@ -155,3 +155,24 @@ def test_health_and_models(real_server: RunningServer) -> None:
     models = httpx.get(real_server.url + "/v1/models").json()["data"]
     assert models[0]["id"] == "SmolLM2-135M-Instruct.Q4_1"
     assert models[0]["max_model_len"] == 2048
+
+
+def test_penalty_range_minus_one_means_whole_context(client: openai.OpenAI) -> None:
+    args = {"model": "x", "prompt": "a a a a a a a a", "max_tokens": 12, "temperature": 0}
+    plain = client.completions.create(**args).choices[0].text
+    penalized = (
+        client.completions.create(
+            **args, extra_body={"repetition_penalty": 3.0, "repetition_penalty_range": -1}
+        )
+        .choices[0]
+        .text
+    )
+    off = (
+        client.completions.create(
+            **args, extra_body={"repetition_penalty": 3.0, "repetition_penalty_range": 0}
+        )
+        .choices[0]
+        .text
+    )
+    assert penalized != plain
+    assert off == plain

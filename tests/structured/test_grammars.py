@@ -104,6 +104,28 @@ def test_string_formats_and_patterns(oracle: GrammarOracle) -> None:
         assert not oracle.accepts(g, json.dumps(good | {key: bad}))
 
 
+@pytest.mark.parametrize(
+    ("bounds", "inside", "outside"),
+    [
+        ({"minimum": 0}, [0, 7, 1234567], [-1]),
+        ({"minimum": -3, "maximum": 12}, [-3, 0, 9, 12], [-4, 13, 100]),
+        ({"exclusiveMinimum": 1, "exclusiveMaximum": 10}, [2, 9], [1, 10]),
+        ({"minimum": 1.5, "maximum": 3.5}, [2, 3], [1, 4]),
+        ({"minimum": 5, "exclusiveMinimum": True}, [6], [5]),  # draft 4 spelling
+        ({"maximum": -100}, [-100, -5000], [-99, 0]),
+    ],
+)
+def test_integer_bounds(
+    oracle: GrammarOracle, bounds: dict[str, Any], inside: list[int], outside: list[int]
+) -> None:
+    g = grammar({"type": "integer", **bounds})
+    for number in inside:
+        assert oracle.accepts(g, str(number)), number
+    for number in outside:
+        assert not oracle.accepts(g, str(number)), number
+    assert not oracle.accepts(g, "01")
+
+
 def test_json_object_grammar(oracle: GrammarOracle) -> None:
     g = constraints.json_object_grammar()
     assert oracle.accepts(g, '{"a": [1, 2.5e3, true, null, {"b": "c\\u00e9"}]}')
@@ -115,7 +137,7 @@ def test_json_object_grammar(oracle: GrammarOracle) -> None:
 @pytest.mark.parametrize(
     ("schema", "named"),
     [
-        ({"type": "integer", "minimum": 0}, "`minimum`"),
+        ({"type": "number", "minimum": 0}, "`minimum` on a number"),
         ({"type": "number", "multipleOf": 2}, "`multipleOf`"),
         ({"type": "array", "items": {}, "uniqueItems": True}, "`uniqueItems`"),
         ({"type": "object", "patternProperties": {"a": {}}}, "`patternProperties`"),
@@ -129,6 +151,7 @@ def test_json_object_grammar(oracle: GrammarOracle) -> None:
         ({"$ref": "https://example.com/schema.json"}, "`$ref`"),
         ({"type": "object", "required": ["a"]}, "`required` property 'a'"),
         ({"type": "string", "maxLength": 100000}, "`maxLength` above"),
+        ({"type": "integer", "minimum": 5, "maximum": 4}, "no integer satisfies"),
         ({"anyOf": [{"type": "string"}], "type": "string"}, "`type` next to `anyOf`"),
     ],
 )

@@ -11,7 +11,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from llmserve.models.manager import ModelManager
 from tests.server import RunningServer
@@ -20,7 +20,7 @@ PERSON: dict[str, Any] = {
     "type": "object",
     "properties": {
         "name": {"type": "string", "maxLength": 16},
-        "age": {"type": "integer"},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
         "pets": {"type": "array", "items": {"enum": ["cat", "dog", "fish"]}, "maxItems": 2},
         "home": {
             "type": "object",
@@ -98,7 +98,7 @@ def test_json_object(client: openai.OpenAI, real_server: RunningServer) -> None:
 class City(BaseModel):
     name: str
     country: str
-    population: int
+    population: int = Field(ge=0)  # instructor-style bounds become an integer range
 
 
 def test_sdk_parse_with_a_pydantic_model(client: openai.OpenAI) -> None:
@@ -181,9 +181,9 @@ def test_schema_fields_of_vllm_and_tabbyapi(real_server: RunningServer) -> None:
     [
         (
             {"response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {
-                "type": "object", "properties": {"n": {"type": "integer", "minimum": 1}}}}}},
+                "type": "object", "properties": {"n": {"type": "number", "minimum": 1}}}}}},
             "response_format.json_schema.schema",
-            "`minimum` (at #/properties/n)",
+            "`minimum` on a number (integers only) (at #/properties/n)",
         ),
         ({"guided_json": {"type": "array", "uniqueItems": True}}, "guided_json", "`uniqueItems`"),
         ({"guided_regex": r"(?<=a)b"}, "guided_regex", "lookahead/lookbehind"),

@@ -78,11 +78,11 @@ def test_tool_definitions_that_break_the_plan() -> None:
     with pytest.raises(InvalidRequestError) as caught:
         ToolPlan(TOOLS, ToolChoice.FUNCTION, "missing")
     assert caught.value.param == "tool_choice"
-    bad = ToolFunction("f", None, {"type": "object", "properties": {"n": {"minimum": 1}}})
+    bad = ToolFunction("f", None, {"type": "object", "properties": {"n": {"multipleOf": 2}}})
     with pytest.raises(InvalidRequestError) as caught:
         ToolPlan((CLOCK, bad), ToolChoice.REQUIRED).grammar()
     assert caught.value.param == "tools[1].function.parameters"
-    assert "`minimum`" in caught.value.message
+    assert "`multipleOf`" in caught.value.message
 
 
 def test_tool_schemas_with_same_named_defs_do_not_collide(oracle: GrammarOracle) -> None:

@@ -126,9 +126,11 @@ def _or(value: T | None, default: T) -> T:
     return default if value is None else value
 
 
-def _penalty_range(value: int | None) -> int:
-    # Clients say -1 for "the whole context"; llama.cpp's sampler takes the same convention.
-    return 64 if value is None else value
+def _penalty_range(value: int | None) -> int | None:
+    # Clients say -1 for "the whole context", which the engine spells None.
+    if value is None:
+        return 64
+    return None if value < 0 else value
 
 
 def _logit_bias(bias: dict[str, float] | None) -> dict[int, float]:

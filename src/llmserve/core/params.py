@@ -40,7 +40,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    penalty_range: int = 64  # last N tokens the three penalties look at
+    penalty_range: int | None = 64  # last N tokens the penalties look at; None: whole context
     seed: int | None = None  # None: a fresh random seed per sequence
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import jinja2
+import jinja2.meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from llmserve.core.errors import InvalidRequestError
@@ -49,10 +50,12 @@ class ChatTemplate:
     bos_token: str = ""
     eos_token: str = ""
     _compiled: jinja2.Template = field(init=False, repr=False, compare=False)
+    supports_tools: bool = field(init=False, compare=False)
 
     def __post_init__(self) -> None:
         # Compile once, at load/switch time, so a broken template fails there and not per request.
         object.__setattr__(self, "_compiled", _compile(self.source))
+        object.__setattr__(self, "supports_tools", _reads_variable(self.source, "tools"))
 
     def render(
         self,
@@ -88,6 +91,15 @@ def _compile(source: str) -> jinja2.Template:
         return env.from_string(source)
     except jinja2.TemplateError as exc:
         raise TemplateError(f"chat template does not compile: {exc}") from exc
+
+
+def _reads_variable(source: str, name: str) -> bool:
+    """Whether the template reads the context variable `name` (e.g. renders `tools`)."""
+    env = ImmutableSandboxedEnvironment()
+    try:
+        return name in jinja2.meta.find_undeclared_variables(env.parse(source))
+    except jinja2.TemplateError:
+        return False
 
 
 def load_template(

@@ -73,10 +73,11 @@ class LoadedModel:
         messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
         extra: dict[str, Any] | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
-        """Render `messages` with the chat template and tokenize the result."""
+        """Render `messages` (and `tools`, if the template reads them) and tokenize the result."""
         text = self.template.render(
-            messages, add_generation_prompt=add_generation_prompt, extra=extra
+            messages, add_generation_prompt=add_generation_prompt, tools=tools, extra=extra
         )
         bos = self.template.bos_token
         # The template may already write BOS as text; don't let the tokenizer add a second one.

@@ -18,6 +18,9 @@ from pydantic_core import PydanticCustomError
 
 from llmserve import __version__
 from llmserve.api.sampling import SamplerFields
+from llmserve.core import constraints
+from llmserve.core.errors import InvalidRequestError
+from llmserve.core.tools import ToolChoice, ToolFunction, ToolPlan
 
 TokenIds = list[Annotated[int, Field(ge=0, le=2**31 - 1)]]  # llama_token is int32
 # OpenAI's schema wants a string here; ours names the server build.
@@ -41,7 +44,88 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: bool | None = False
 
 
-class CompletionRequest(SamplerFields):
+class JsonSchemaFormat(BaseModel):
+    """`response_format.json_schema`: a named JSON schema (strict or not, it is enforced)."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """`response_format`: free text, any JSON object, or JSON valid against a schema."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+    # llama.cpp's server takes {"type": "json_object", "schema": {...}}.
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+
+    def grammar(self) -> str | None:
+        """The GBNF grammar this format asks for (None for text)."""
+        if self.type == "text":
+            return None
+        if self.type == "json_schema":
+            if self.json_schema is None:
+                raise InvalidRequestError(
+                    "response_format of type json_schema needs `json_schema`",
+                    param="response_format.json_schema",
+                )
+            schema = self.json_schema.schema_
+            param = "response_format.json_schema.schema"
+        else:
+            schema, param = self.schema_, "response_format.schema"
+        if schema is None:
+            return constraints.json_object_grammar()
+        return constraints.json_schema_grammar(schema, param)
+
+
+class StructuredOutputFields(BaseModel):
+    """Output constraints in OpenAI's, vLLM's, TabbyAPI's and llama.cpp's spellings; one at most."""
+
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    grammar: str | None = Field(None, description="A GBNF grammar (llama.cpp's syntax).")
+    grammar_string: str | None = None
+    json_schema: dict[str, Any] | None = None
+    regex_pattern: str | None = None
+
+    def constraint_grammar(self) -> str | None:
+        """The GBNF grammar the request's constraint field asks for, or None."""
+        given = [name for name in CONSTRAINT_FIELDS if getattr(self, name) is not None]
+        if self.response_format is not None and self.response_format.type == "text":
+            given.remove("response_format")
+        if len(given) > 1:
+            raise InvalidRequestError(
+                f"give at most one output constraint; got {', '.join(given)}", param=given[1]
+            )
+        return self._grammar_of(given[0]) if given else None
+
+    def _grammar_of(self, name: str) -> str | None:
+        value = getattr(self, name)
+        if name == "response_format":
+            grammar: str | None = value.grammar()
+            return grammar
+        if name in ("guided_json", "json_schema"):
+            return constraints.json_schema_grammar(value, name)
+        if name in ("guided_regex", "regex_pattern"):
+            return constraints.regex_grammar(value, name)
+        if name == "guided_choice":
+            return constraints.choice_grammar(value, name)
+        return constraints.gbnf_grammar(value, name)
+
+
+CONSTRAINT_FIELDS = tuple(StructuredOutputFields.model_fields)
+
+
+class CompletionRequest(SamplerFields, StructuredOutputFields):
     """Body of POST /v1/completions."""
 
     model: str | None = None
@@ -110,7 +194,36 @@ class ChatMessage(BaseModel):
         return "".join(part.text for part in self.content)
 
 
-class ChatCompletionRequest(SamplerFields):
+class FunctionDefinition(BaseModel):
+    """A function offered to the model: name, description, JSON-schema parameters."""
+
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ChatTool(BaseModel):
+    """An entry of `tools`."""
+
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class FunctionName(BaseModel):
+    """The function a named tool_choice forces."""
+
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    """`tool_choice: {"type": "function", "function": {"name": ...}}`."""
+
+    type: Literal["function"] = "function"
+    function: FunctionName
+
+
+class ChatCompletionRequest(SamplerFields, StructuredOutputFields):
     """Body of POST /v1/chat/completions."""
 
     model: str | None = None
@@ -125,6 +238,9 @@ class ChatCompletionRequest(SamplerFields):
     user: str | None = None
     add_generation_prompt: bool | None = True
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -143,6 +259,27 @@ class ChatCompletionRequest(SamplerFields):
         if self.max_completion_tokens is not None:
             return self.max_completion_tokens
         return self.max_tokens
+
+    def tool_plan(self) -> ToolPlan | None:
+        """The tools and tool_choice, dialect-neutral; None when no tools are offered."""
+        choice = self.tool_choice
+        if not self.tools:
+            if choice == "required" or isinstance(choice, NamedToolChoice):
+                raise InvalidRequestError(
+                    "tool_choice asks for a tool call but the request has no `tools`",
+                    param="tool_choice",
+                )
+            return None
+        functions = tuple(
+            ToolFunction(t.function.name, t.function.description, t.function.parameters)
+            for t in self.tools
+        )
+        if isinstance(choice, NamedToolChoice):
+            return ToolPlan(functions, ToolChoice.FUNCTION, choice.function.name, self._parallel())
+        return ToolPlan(functions, ToolChoice(choice or "auto"), None, self._parallel())
+
+    def _parallel(self) -> bool:
+        return self.parallel_tool_calls is not False
 
 
 # ---- responses ----
@@ -246,12 +383,36 @@ class ChatCompletionResponse(BaseModel):
     system_fingerprint: str = SYSTEM_FINGERPRINT
 
 
+class FunctionCallChunk(BaseModel):
+    """The new part of a streamed function call: its name first, then argument text."""
+
+    name: str | None = None
+    arguments: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_absent(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class ToolCallChunk(BaseModel):
+    """A `delta.tool_calls` entry: index always; id and type only on the call's first chunk."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallChunk
+
+    @model_serializer(mode="wrap")
+    def _omit_absent(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
 class ChatDelta(BaseModel):
     """The new part of the assistant message in a stream chunk."""
 
     role: Literal["assistant"] | None = None
     content: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCallChunk] | None = None
 
     @model_serializer(mode="wrap")
     def _omit_absent(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from fastapi.responses import JSONResponse
 
@@ -27,20 +27,26 @@ from llmserve.api.openai.protocol import (
     CompletionResponse,
     ErrorInfo,
     ErrorResponse,
+    FunctionCall,
+    FunctionCallChunk,
     ModelCard,
     ModelList,
     PromptTokensDetails,
+    ToolCall,
+    ToolCallChunk,
     UsageInfo,
     new_id,
     now,
 )
 from llmserve.api.overrides import SamplingOverrides
+from llmserve.core import tools as toolcalls
 from llmserve.core.errors import InvalidRequestError, LLMServeError
 from llmserve.core.request import Delta, GenerationRequest, TokenLogprob, Usage
 from llmserve.core.streams import IndexedDelta, open_streams
 from llmserve.models.manager import LoadedModel, ModelManager
 
 DONE = "[DONE]"
+TOOL_CALLS = "tool_calls"  # the finish_reason of a choice that ends in tool calls
 
 
 def error_body(exc: LLMServeError) -> ErrorResponse:
@@ -155,6 +161,7 @@ class OpenAIServing:
             logprobs=body.logprobs,
             prompt_logprobs=body.logprobs if body.echo and body.logprobs is not None else None,
         )
+        params = replace(params, grammar=await asyncio.to_thread(body.constraint_grammar))
         request_id = new_id("cmpl")
         streams = [
             model.engine.generate(GenerationRequest(f"{request_id}-{i}", ids, params))
@@ -193,29 +200,60 @@ class OpenAIServing:
         body.log_unknown_fields("chat/completions")
         body = self.overrides.apply(body)
         model = await self.models.acquire(body.model)
-        prompt_ids = await asyncio.to_thread(self._chat_prompt, model, body)
+        plan = body.tool_plan()
+        prompt_ids, grammar = await asyncio.to_thread(self._prepare_chat, model, body, plan)
         n = body.n or 1
         top = (body.top_logprobs or 0) if body.logprobs else None
         params = body.sampling_params(max_tokens=body.output_limit(), n=n, logprobs=top)
+        params = replace(params, grammar=grammar)
         request_id = new_id("chatcmpl")
         deltas = await open_streams(
             [model.engine.generate(GenerationRequest(request_id, prompt_ids, params))]
         )
-        writer = ChatWriter(model, body, request_id, n)
+        active = plan if plan is not None and plan.active else None
+        writer = ChatWriter(model, body, request_id, n, active)
         if body.stream:
             return writer.stream(deltas)
         return await writer.collect(deltas)
 
     @staticmethod
-    def _chat_prompt(model: LoadedModel, body: ChatCompletionRequest) -> list[int]:
-        messages = [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-            | ({"name": m.name} if m.name else {})
-            for m in body.messages
-        ]
-        return model.chat_prompt(
-            messages, body.add_generation_prompt is not False, body.chat_template_kwargs
+    def _prepare_chat(
+        model: LoadedModel, body: ChatCompletionRequest, plan: toolcalls.ToolPlan | None
+    ) -> tuple[list[int], str | None]:
+        """The prompt's token ids and the grammar (in a worker thread: both take time)."""
+        grammar = body.constraint_grammar()
+        tool_grammar = plan.grammar() if plan is not None else None
+        if grammar is not None and tool_grammar is not None:
+            raise InvalidRequestError(
+                "a forced tool call and an output constraint cannot be combined",
+                param="tool_choice",
+            )
+        native = model.template.supports_tools
+        messages = toolcalls.template_messages(_turns(body), plan, native)
+        prompt_ids = model.chat_prompt(
+            messages,
+            body.add_generation_prompt is not False,
+            body.chat_template_kwargs,
+            tools=toolcalls.template_tools(plan) if native else None,
         )
+        return prompt_ids, grammar or tool_grammar
+
+
+def _turns(body: ChatCompletionRequest) -> list[toolcalls.Turn]:
+    """The request's messages, dialect-neutral (developer messages are system messages)."""
+    return [
+        toolcalls.Turn(
+            role="system" if m.role == "developer" else m.role,
+            content=m.text(),
+            name=m.name,
+            tool_calls=tuple(
+                toolcalls.ToolCall(c.id, c.function.name, c.function.arguments)
+                for c in m.tool_calls or ()
+            ),
+            tool_call_id=m.tool_call_id,
+        )
+        for m in body.messages
+    ]
 
 
 def _sse(chunk: CompletionResponse | ChatCompletionChunk) -> str:
@@ -370,13 +408,21 @@ def _merge_completion_choice(
 
 
 class ChatWriter:
-    """Turns chat deltas into a response or stream chunks."""
+    """Turns chat deltas into a response or stream chunks (tool calls read out when offered)."""
 
-    def __init__(self, model: LoadedModel, body: ChatCompletionRequest, request_id: str, n: int):
+    def __init__(
+        self,
+        model: LoadedModel,
+        body: ChatCompletionRequest,
+        request_id: str,
+        n: int,
+        tools: toolcalls.ToolPlan | None = None,
+    ):
         self.model = model
         self.body = body
         self.request_id = request_id
         self.n = n
+        self.tools = tools
         self.created = now()
 
     def _logprobs(self, delta: Delta) -> ChatLogprobs | None:
@@ -404,20 +450,30 @@ class ChatWriter:
         logprobs = None
         if self.body.logprobs:
             logprobs = ChatLogprobs(content=[_chat_logprob(e) for e in state.logprobs if e])
+        text = "".join(state.text)
+        content, calls = toolcalls.split_tool_calls(text, self.tools) if self.tools else (text, [])
         return ChatChoice(
             index=index,
-            message=ChatResponseMessage(content="".join(state.text)),
+            message=ChatResponseMessage(
+                content=content,
+                tool_calls=[
+                    ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments))
+                    for c in calls
+                ],
+            ),
             logprobs=logprobs,
-            finish_reason=state.finish_reason,
-            stop_reason=state.stop_reason,
+            finish_reason=TOOL_CALLS if calls else state.finish_reason,
+            stop_reason=None if calls else state.stop_reason,
         )
 
     async def stream(self, deltas: AsyncIterator[IndexedDelta]) -> AsyncIterator[str]:
         """SSE data lines: role chunk, content chunks, finish chunk, optional usage, [DONE]."""
         include_usage = bool(self.body.stream_options and self.body.stream_options.include_usage)
+        # With tools, content may never come (OpenAI's first chunk then carries only the role).
+        first = ChatDelta(role="assistant", content=None if self.tools else "")
         for index in range(self.n):
-            role = ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))
-            yield _sse(self._chunk([role]))
+            yield _sse(self._chunk([ChatChunkChoice(index=index, delta=first)]))
+        splitters = {i: toolcalls.ToolStream(self.tools) for i in range(self.n) if self.tools}
         usage: Usage | None = None
         async for item in _guard(deltas):
             if isinstance(item, str):
@@ -425,17 +481,42 @@ class ChatWriter:
                 continue
             d = item.delta
             usage = add_usage(usage, d.usage)
-            choice = ChatChunkChoice(
-                index=d.index,
-                delta=ChatDelta(content=d.text) if d.text or not d.finish_reason else ChatDelta(),
-                logprobs=self._logprobs(d),
-                finish_reason=str(d.finish_reason) if d.finish_reason else None,
-                stop_reason=d.stop_reason,
-            )
-            yield _sse(self._chunk([choice]))
+            splitter = splitters.get(d.index)
+            choice = self._stream_choice(d) if splitter is None else self._tool_choice(d, splitter)
+            if choice is not None:
+                yield _sse(self._chunk([choice]))
         if include_usage and usage is not None:
             yield _sse(self._chunk([], usage=usage_info(usage)))
         yield DONE
+
+    def _stream_choice(self, d: Delta) -> ChatChunkChoice:
+        return ChatChunkChoice(
+            index=d.index,
+            delta=ChatDelta(content=d.text) if d.text or not d.finish_reason else ChatDelta(),
+            logprobs=self._logprobs(d),
+            finish_reason=str(d.finish_reason) if d.finish_reason else None,
+            stop_reason=d.stop_reason,
+        )
+
+    def _tool_choice(self, d: Delta, splitter: toolcalls.ToolStream) -> ChatChunkChoice | None:
+        """A chunk of a choice whose output may hold tool calls; None when nothing is new."""
+        content, calls = splitter.feed(d.text)
+        finish_reason = str(d.finish_reason) if d.finish_reason else None
+        stop_reason = d.stop_reason
+        if d.finish_reason is not None:
+            tail, more, made_calls = splitter.finish()
+            content, calls = content + tail, calls + more
+            if made_calls:
+                finish_reason, stop_reason = TOOL_CALLS, None
+        if not content and not calls and finish_reason is None and not self.body.logprobs:
+            return None
+        return ChatChunkChoice(
+            index=d.index,
+            delta=ChatDelta(content=content or None, tool_calls=_call_chunks(calls) or None),
+            logprobs=self._logprobs(d),
+            finish_reason=finish_reason,
+            stop_reason=stop_reason,
+        )
 
     def _chunk(
         self, choices: list[ChatChunkChoice], usage: UsageInfo | None = None
@@ -447,6 +528,18 @@ class ChatWriter:
             choices=choices,
             usage=usage,
         )
+
+
+def _call_chunks(deltas: list[toolcalls.ToolCallDelta]) -> list[ToolCallChunk]:
+    return [
+        ToolCallChunk(
+            index=d.index,
+            id=d.id,
+            type="function" if d.id else None,
+            function=FunctionCallChunk(name=d.name, arguments=d.arguments),
+        )
+        for d in deltas
+    ]
 
 
 def _chat_logprob(entry: TokenLogprob) -> ChatTokenLogprob:

@@ -180,7 +180,11 @@ class StepRunner:
             if banned:
                 mask_tokens(self.model.logits_row(row), banned)
             assert seq.sampler is not None
-            token = seq.sampler.sample(self.model.ctx, row)
+            try:
+                token = seq.sampler.sample(self.model.ctx, row)
+            except LLMServeError as error:  # e.g. the grammar allows nothing the bias leaves
+                self.fail(seq.group, error)
+                continue
             self._accept(seq, token, raw_logprobs.get(row))
 
     def _banned_now(self, seq: Sequence) -> list[int]:

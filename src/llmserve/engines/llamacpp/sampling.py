@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import math
 import secrets
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -20,6 +21,10 @@ MIROSTAT_V1_M = 100  # candidates mirostat v1 estimates s_hat from (the paper's 
 MIN_KEEP = 1  # truncation samplers always leave at least one candidate
 
 FloatRow = npt.NDArray[np.float32]
+IdArray = npt.NDArray[np.int32]
+# llama_token_data as numpy sees it, for candidate arrays filled without Python loops.
+TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+GRAMMAR_SHORTLIST = 128  # candidates a rejected pick is first re-drawn from (see SamplerChain)
 PieceLookup = Callable[[int], bytes]
 
 
@@ -31,13 +36,26 @@ def choice_seed(seed: int | None, index: int) -> int:
 
 
 class SamplerChain:
-    """One sequence's llama.cpp sampler chain; owns the C objects until `free()`."""
+    """One sequence's llama.cpp sampler chain; owns the C objects until `free()`.
 
-    def __init__(self, handle: Any, history_samplers: list[Any]) -> None:
+    A grammar is kept out of the chain: applying it to all ~50k candidates costs several
+    milliseconds, in the step every sequence shares. As llama.cpp's own common sampler does,
+    the chain picks first and the grammar checks only that token. When it rejects it (about a
+    third of the steps in JSON), the grammar and the chain run again over the GRAMMAR_SHORTLIST
+    likeliest tokens, and over all of them only when none of those is allowed.
+    """
+
+    def __init__(
+        self, handle: Any, history_samplers: list[Any], grammar: Any = None, n_vocab: int = 0
+    ) -> None:
         self._handle = handle
         # Penalties and DRY look back over earlier tokens; they are fed the prompt too,
         # without the grammar (which must only see generated text).
         self._history_samplers = history_samplers
+        self._grammar = grammar
+        self._all_ids = np.arange(n_vocab if grammar else 0, dtype=np.int32)
+        self._candidates = np.empty(len(self._all_ids), dtype=TOKEN_DATA)
+        self.grammar_resamples = 0  # picks the grammar rejected (for tests and measurements)
 
     def accept_history(self, tokens: Sequence[int]) -> None:
         """Feed earlier tokens (the prompt) to the samplers that penalize repetition."""
@@ -47,7 +65,60 @@ class SamplerChain:
 
     def sample(self, ctx: Any, batch_index: int) -> int:
         """Pick (and accept) the next token from the logits row of batch entry `batch_index`."""
-        return int(llama_cpp.llama_sampler_sample(self._handle, ctx, batch_index))
+        if self._grammar is None:
+            return int(llama_cpp.llama_sampler_sample(self._handle, ctx, batch_index))
+        pointer = llama_cpp.llama_get_logits_ith(ctx, batch_index)
+        return self.sample_constrained(np.ctypeslib.as_array(pointer, shape=(len(self._all_ids),)))
+
+    def sample_constrained(self, logits: FloatRow) -> int:
+        """Pick (and accept) a token the grammar allows from one logits row."""
+        token = self._pick(logits, self._all_ids, constrained=False)
+        if token is None or not self._grammar_allows(token):
+            self.grammar_resamples += 1
+            token = self._resample(logits)
+        llama_cpp.llama_sampler_accept(self._grammar, token)
+        llama_cpp.llama_sampler_accept(self._handle, token)
+        return token
+
+    def _resample(self, logits: FloatRow) -> int:
+        """A pick the grammar allows: from the likeliest tokens if it can, else from all."""
+        # The tokens a grammar wants where it rejects the model's pick (a quote, a comma, a
+        # key) are nearly always among the likeliest. For greedy decoding this is exact.
+        shortlist = np.argpartition(logits, -GRAMMAR_SHORTLIST)[-GRAMMAR_SHORTLIST:]
+        token = self._pick(logits, shortlist.astype(np.int32), constrained=True)
+        if token is None:
+            token = self._pick(logits, self._all_ids, constrained=True)
+        if token is None:
+            # Accepting a token the grammar forbids aborts llama.cpp: fail the request instead.
+            raise InvalidRequestError(
+                "no token allowed by the grammar is left after logit_bias and banned tokens",
+                param="grammar",
+            )
+        return token
+
+    def _pick(self, logits: FloatRow, ids: IdArray, constrained: bool) -> int | None:
+        """Run the chain (after the grammar, if `constrained`) over the candidates `ids`.
+
+        None when every candidate is impossible (-inf), so nothing can be picked.
+        """
+        candidates = self._candidates[: len(ids)]
+        candidates["id"] = ids
+        candidates["logit"] = logits if ids is self._all_ids else logits[ids]
+        candidates["p"] = 0.0
+        array = llama_cpp.llama_token_data_array(
+            candidates.ctypes.data_as(llama_cpp.llama_token_data_p), len(ids), -1, False
+        )
+        if constrained:
+            llama_cpp.llama_sampler_apply(self._grammar, ctypes.byref(array))
+        llama_cpp.llama_sampler_apply(self._handle, ctypes.byref(array))
+        chosen = array.data[array.selected]  # samplers may have moved `data`
+        return None if chosen.logit == -math.inf else int(chosen.id)
+
+    def _grammar_allows(self, token: int) -> bool:
+        single = llama_cpp.llama_token_data(token, 1.0, 0.0)
+        array = llama_cpp.llama_token_data_array(ctypes.pointer(single), 1, -1, False)
+        llama_cpp.llama_sampler_apply(self._grammar, ctypes.byref(array))
+        return bool(single.logit != -math.inf)
 
     def free(self) -> None:
         """Free the chain and every sampler in it; safe to call twice."""
@@ -55,6 +126,9 @@ class SamplerChain:
             llama_cpp.llama_sampler_free(self._handle)
             self._handle = None
             self._history_samplers = []
+        if self._grammar is not None:
+            llama_cpp.llama_sampler_free(self._grammar)
+            self._grammar = None
 
 
 def check_grammar(vocab: Any, grammar: str) -> None:
@@ -66,12 +140,11 @@ def check_grammar(vocab: Any, grammar: str) -> None:
 def build_sampler_chain(
     params: SamplingParams, vocab: Any, n_vocab: int, ctx_size: int, seed: int
 ) -> SamplerChain:
-    """Build the chain for one sequence: constraints, penalties, truncation, then the pick."""
+    """Build the chain for one sequence: bias, penalties, truncation, the pick; grammar aside."""
     parts: list[Any] = []
     history: list[Any] = []
+    grammar = None if params.grammar is None else _grammar_sampler(vocab, params.grammar)
     try:
-        if params.grammar is not None:
-            parts.append(_grammar_sampler(vocab, params.grammar))
         bias = _logit_bias_sampler(params, n_vocab)
         if bias is not None:
             parts.append(bias)
@@ -79,13 +152,13 @@ def build_sampler_chain(
         parts.extend(history)
         parts.extend(_tail_samplers(params, n_vocab, seed))
     except BaseException:
-        for sampler in parts:
+        for sampler in [*parts, *([grammar] if grammar is not None else [])]:
             llama_cpp.llama_sampler_free(sampler)
         raise
     chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
     for sampler in parts:
         llama_cpp.llama_sampler_chain_add(chain, sampler)  # the chain now owns it
-    return SamplerChain(chain, history)
+    return SamplerChain(chain, history, grammar, n_vocab)
 
 
 def _grammar_sampler(vocab: Any, grammar: str) -> Any:
@@ -115,11 +188,12 @@ def _history_samplers(params: SamplingParams, vocab: Any, n_vocab: int, ctx_size
         or params.frequency_penalty != 0.0
         or params.presence_penalty != 0.0
     )
-    if penalties_active and params.penalty_range > 0:
+    last_n = ctx_size if params.penalty_range is None else params.penalty_range
+    if penalties_active and last_n > 0:
         samplers.append(
             llama_cpp.llama_sampler_init_penalties(
                 n_vocab,
-                params.penalty_range,
+                last_n,
                 params.repetition_penalty,
                 params.frequency_penalty,
                 params.presence_penalty,
