@@ -40,6 +40,7 @@ from llmserve.api.kobold.protocol import (
     TokenCountResponse,
 )
 from llmserve.api.openai.protocol import new_id
+from llmserve.core.constraints import gbnf_grammar
 from llmserve.core.errors import (
     ContextLengthExceededError,
     InvalidRequestError,
@@ -343,8 +344,7 @@ def _prepare(model: LoadedModel, body: KoboldGenerateRequest) -> tuple[list[int]
     prompt_ids = _prompt_ids(engine, body, context, max_length)
     banned = _banned_ids(engine, body.banned_tokens)
     params = body.sampler_fields(context, banned).sampling_params(max_tokens=max_length, n=1)
-    grammar = body.grammar if body.grammar and body.grammar.strip() else None
-    return prompt_ids, dataclasses.replace(params, grammar=grammar)
+    return prompt_ids, dataclasses.replace(params, grammar=gbnf_grammar(body.grammar))
 
 
 def _prompt_ids(
