@@ -177,8 +177,10 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
 def example_config() -> str:
     """A commented config.yml listing every setting with its description and default."""
     lines = ["# llmserve configuration. Environment LLMSERVE_<NAME> and flags override it.", ""]
+    # model_construct: the defaults alone, not this machine's environment or files.
+    defaults = Settings.model_construct().model_dump(mode="json")
     for name, field in Settings.model_fields.items():
         lines.append(f"# {field.description}")
-        lines.append(yaml.safe_dump({name: field.default}, default_flow_style=False).strip())
+        lines.append(yaml.safe_dump({name: defaults[name]}, default_flow_style=False).strip())
         lines.append("")
     return "\n".join(lines)

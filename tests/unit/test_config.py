@@ -1,0 +1,45 @@
+"""Settings precedence: config.yml < LLMSERVE_* environment < command-line flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llmserve.cli import _overrides, _parse
+from llmserve.config import example_config, load_settings
+
+
+def test_file_then_environment_then_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "config.yml"
+    config.write_text(
+        yaml.safe_dump({"port": 9001, "ctx_size": 512, "log_level": "debug", "threads": 1})
+    )
+    monkeypatch.setenv("LLMSERVE_CTX_SIZE", "777")
+    monkeypatch.setenv("LLMSERVE_API_KEY", "a,b")
+    monkeypatch.setenv("LLMSERVE_THREADS", "2")
+    args = _parse(["--config", str(config), "--threads", "3", "--api-key", "c"])
+    settings = load_settings(args.config, **_overrides(args))
+    assert settings.port == 9001  # file only
+    assert settings.log_level == "debug"
+    assert settings.ctx_size == 777  # environment beats the file
+    assert settings.threads == 3  # flag beats environment and file
+    assert settings.api_key == ["c"]
+    assert settings.api_tokens_file == tmp_path / "api_tokens.yml"  # beside config.yml
+
+
+def test_unknown_or_bad_values_are_refused(tmp_path: Path) -> None:
+    config = tmp_path / "config.yml"
+    config.write_text(yaml.safe_dump({"prot": 1}))
+    with pytest.raises(ValueError, match="prot"):
+        load_settings(config)
+    with pytest.raises(ValueError, match="port"):
+        load_settings(None, port=70000)
+
+
+def test_example_config_lists_every_setting_with_its_description() -> None:
+    text = example_config()
+    parsed = yaml.safe_load(text)
+    assert {"host", "port", "model", "ctx_size", "threads", "log_level"} <= set(parsed)
+    assert "# Context length per sequence" in text
