@@ -110,6 +110,32 @@ class LevelSummary:
     ttft_p99_ms: float | None
     itl_p50_ms: float | None
     itl_p99_ms: float | None
+    engine: EngineTime | None = None
+
+
+@dataclass(frozen=True)
+class EngineTime:
+    """llmserve's own engine counters over one level (from /metrics; None for other servers)."""
+
+    steps: int
+    busy_s: float
+    decode_s: float
+
+    @property
+    def mean_step_ms(self) -> float:
+        """Mean time of one engine step."""
+        return self.busy_s / self.steps * 1000 if self.steps else 0.0
+
+    @property
+    def overhead_share(self) -> float:
+        """Share of the engine's busy time spent outside llama_decode."""
+        return (self.busy_s - self.decode_s) / self.busy_s if self.busy_s > 0 else 0.0
+
+    def minus(self, before: EngineTime) -> EngineTime:
+        """The counters' growth since `before`."""
+        return EngineTime(
+            self.steps - before.steps, self.busy_s - before.busy_s, self.decode_s - before.decode_s
+        )
 
 
 @dataclass
@@ -384,6 +410,39 @@ def make_client(cfg: BenchConfig) -> httpx.AsyncClient:
     )
 
 
+ENGINE_METRICS = {
+    "llmserve_engine_steps_total": "steps",
+    "llmserve_engine_busy_seconds_total": "busy_s",
+    "llmserve_engine_decode_seconds_total": "decode_s",
+}
+
+
+def parse_engine_time(metrics_text: str) -> EngineTime | None:
+    """llmserve's engine counters from a Prometheus text page, summed over models."""
+    totals = dict.fromkeys(ENGINE_METRICS.values(), 0.0)
+    seen = False
+    for line in metrics_text.splitlines():
+        name, _, rest = line.partition("{")
+        field_name = ENGINE_METRICS.get(name.strip())
+        if field_name is None or not rest:
+            continue
+        totals[field_name] += float(rest.rsplit(" ", 1)[-1])
+        seen = True
+    if not seen:
+        return None
+    return EngineTime(int(totals["steps"]), totals["busy_s"], totals["decode_s"])
+
+
+async def read_engine_time(client: httpx.AsyncClient, cfg: BenchConfig) -> EngineTime | None:
+    """The engine counters from the server's /metrics, if it is llmserve (else None)."""
+    parts = urlsplit(cfg.url)
+    try:
+        response = await client.get(f"{parts.scheme}://{parts.netloc}/metrics")
+    except httpx.HTTPError:
+        return None
+    return parse_engine_time(response.text) if response.status_code == 200 else None
+
+
 async def run_level(
     client: httpx.AsyncClient, cfg: BenchConfig, concurrency: int, system: str | None
 ) -> LevelSummary:
@@ -397,9 +456,14 @@ async def run_level(
             body = request_body(cfg, cfg.endpoint, pending.pop(), system)
             results.append(await stream_request(client, path, body, cfg.timeout))
 
+    engine_before = await read_engine_time(client, cfg)
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return summarize(concurrency, results, time.perf_counter() - start)
+    summary = summarize(concurrency, results, time.perf_counter() - start)
+    engine_after = await read_engine_time(client, cfg)
+    if engine_before is not None and engine_after is not None:
+        summary.engine = engine_after.minus(engine_before)
+    return summary
 
 
 async def warm_up(client: httpx.AsyncClient, cfg: BenchConfig) -> None:
@@ -504,6 +568,17 @@ def error_lines(levels: Sequence[LevelSummary]) -> list[str]:
     ]
 
 
+def engine_lines(levels: Sequence[LevelSummary]) -> list[str]:
+    """llmserve only: engine steps per level and the share of step time outside llama_decode."""
+    return [
+        f"engine at concurrency {lv.concurrency}: {lv.engine.steps} steps, "
+        f"mean step {lv.engine.mean_step_ms:.1f} ms, "
+        f"{lv.engine.overhead_share:.1%} of step time outside llama_decode"
+        for lv in levels
+        if lv.engine is not None and lv.engine.steps
+    ]
+
+
 def prefix_line(prefix: PrefixSummary) -> str:
     """The shared-prefix probe in one line."""
     first, repeat = prefix.first_ttft_ms, prefix.repeat_ttft_p50_ms
@@ -519,6 +594,7 @@ def report(result: BenchResult) -> str:
     """The printed report: levels table, error kinds, prefix probe."""
     parts = [markdown_table(TABLE_HEADER, [level_cells(lv) for lv in result.levels])]
     parts += error_lines(result.levels)
+    parts += engine_lines(result.levels)
     if result.prefix:
         parts.append(prefix_line(result.prefix))
     return "\n".join(parts)

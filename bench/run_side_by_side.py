@@ -295,6 +295,7 @@ def server_notes(runs: list[ServerRun]) -> list[str]:
             notes.append(f"  - failed: {run.error} (log: {run.log_path})")
         if run.result:
             notes += [f"  - errors at {line}" for line in load.error_lines(run.result.levels)]
+            notes += [f"  - {line}" for line in load.engine_lines(run.result.levels)]
             if run.result.prefix:
                 notes.append(f"  - {load.prefix_line(run.result.prefix)}")
     return notes

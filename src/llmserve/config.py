@@ -83,6 +83,10 @@ class Settings(BaseSettings):
     max_queue: int | None = Field(
         None, ge=0, description="Requests allowed to wait for a slot; beyond it: 429."
     )
+    kv_unified: bool = Field(
+        False,
+        description="One KV buffer for all slots instead of one per slot (slower when many run).",
+    )
     n_gpu_layers: int = Field(0, ge=0, description="Layers offloaded to a GPU, if built with one.")
     flash_attn: bool | None = Field(
         None, description="Use flash attention (empty: llama.cpp's choice)."

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -97,6 +97,26 @@ class EngineCollector(Collector):
         stats = list(self._source())
         for name, (doc, read) in gauges.items():
             family = GaugeMetricFamily(f"llmserve_{name}", doc, labels=["model"])
+            for model, snapshot in stats:
+                family.add_metric([model], float(read(snapshot)))
+            yield family
+        yield from self._counters(stats)
+
+    def _counters(self, stats: list[tuple[str, EngineStats]]) -> Iterable[Metric]:
+        # busy - decode is the engine's own overhead per step (Python, sampling, delivery).
+        counters: dict[str, tuple[str, Callable[[EngineStats], float]]] = {
+            "engine_steps": ("Batches decoded", lambda s: s.steps_total),
+            "engine_busy_seconds": (
+                "Engine thread time spent on steps",
+                lambda s: s.busy_seconds_total,
+            ),
+            "engine_decode_seconds": (
+                "Engine thread time inside the backend's forward pass",
+                lambda s: s.decode_seconds_total,
+            ),
+        }
+        for name, (doc, read) in counters.items():
+            family = CounterMetricFamily(f"llmserve_{name}", doc, labels=["model"])
             for model, snapshot in stats:
                 family.add_metric([model], float(read(snapshot)))
             yield family

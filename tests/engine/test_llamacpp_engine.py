@@ -192,36 +192,50 @@ def test_prefix_of_finished_request_is_reused(llm: Driver) -> None:
     assert after.cached_prompt_tokens_total - before.cached_prompt_tokens_total == shared
 
 
-def test_prefix_of_running_request_is_shared(llm: Driver) -> None:
-    """A busy slot's prompt KV is copied into the new request's slot, and the copy is right."""
-    running_prompt = shared_prefix_prompt(llm, "bravo-3", "Tell me about tides.")
-    new_prompt = shared_prefix_prompt(llm, "bravo-3", "Which boats does the club own?")
+def check_running_prefix_is_shared(llm: Driver, nonce: str) -> None:
+    """A busy slot's prompt KV is copied into the new request's slot, and both stay right."""
+    running_prompt = shared_prefix_prompt(llm, nonce, "Tell me about tides.")
+    new_prompt = shared_prefix_prompt(llm, nonce, "Which boats does the club own?")
     shared = common_prefix_length(running_prompt, new_prompt, len(new_prompt) - 1)
 
-    async def scenario() -> tuple[Completion, Completion]:
+    async def scenario() -> tuple[list[int], Completion, Completion, Completion]:
         started = asyncio.Event()
+        running_tokens: list[int] = []
 
         async def keep_running() -> None:
             req = request(running_prompt, temperature=0.0, max_tokens=400, ignore_eos=True)
-            async for _ in llm.engine.generate(req):
+            async for delta in llm.engine.generate(req):
+                running_tokens.extend(delta.token_ids)
                 started.set()
 
         runner = asyncio.create_task(keep_running())
         await started.wait()
         reusing = await llm.collect(request(new_prompt, temperature=0.0, max_tokens=6))
+        await asyncio.sleep(0.2)  # the source keeps decoding after its KV was copied
         runner.cancel()  # a cancelled consumer aborts its request
         await asyncio.gather(runner, return_exceptions=True)
         # Prompt logprobs force a full prefill: the reference for what the copy must equal.
         fresh = await llm.collect(
             request(new_prompt, temperature=0.0, max_tokens=6, prompt_logprobs=0)
         )
+        source_alone = await llm.collect(
+            request(running_prompt, temperature=0.0, max_tokens=8, prompt_logprobs=0)
+        )
         assert await wait_for(lambda: idle(llm.stats()))
-        return reusing, fresh
+        return running_tokens, reusing, fresh, source_alone
 
-    reusing, fresh = asyncio.run(scenario())
-    assert reusing.usage.cached_tokens == shared
+    running_tokens, reusing, fresh, source_alone = asyncio.run(scenario())
+    assert reusing.usage.cached_tokens == shared > 50
     assert fresh.usage.cached_tokens == 0
     assert reusing.token_ids()[:4] == fresh.token_ids()[:4]
+    assert len(running_tokens) >= 8
+    assert running_tokens[:4] == source_alone.token_ids()[:4]
+
+
+def test_prefix_of_running_request_is_shared(llm: Driver) -> None:
+    """One KV stream per slot (the default): the whole stream is copied, then trimmed."""
+    assert not llm.engine.config.kv_unified
+    check_running_prefix_is_shared(llm, "bravo-3")
 
 
 # -- cancellation --------------------------------------------------------------------------
@@ -433,11 +447,12 @@ def test_config_sizes_context_and_slots_from_the_model() -> None:
     assert config.resolve_parallel(65536) == 1
 
 
-def test_per_sequence_kv_cache_still_forks_choices_and_reuses_own_prefix() -> None:
-    """kv_unified=False: no partial copies between slots (llama.cpp would abort), forks work."""
-    engine = small_engine(ctx_size=256, parallel=3, kv_unified=False)
+def test_unified_kv_cache_shares_prefixes_and_forks_choices() -> None:
+    """kv_unified=True: prefixes are shared as cell metadata; n > 1 forks work the same."""
+    engine = small_engine(ctx_size=1024, parallel=3, kv_unified=True)
     try:
         driver = Driver(engine)
+        check_running_prefix_is_shared(driver, "charlie-5")
         prompt = driver.prompt("Tell me a joke about sailors.")
         result = driver.run(prompt, n=3, seed=3, temperature=1.0, max_tokens=6, ignore_eos=True)
         assert [len(result.token_ids(i)) for i in range(3)] == [6, 6, 6]

@@ -44,11 +44,9 @@ def make_group(prompt: list[int], **params: object) -> RequestGroup:
     return RequestGroup(request=req, deliver=ignore, max_new_tokens=8)
 
 
-def make_scheduler(
-    slots: int = 4, budget: int = 64, share_prefixes: bool = True
-) -> tuple[Scheduler, FakeMemory]:
+def make_scheduler(slots: int = 4, budget: int = 64) -> tuple[Scheduler, FakeMemory]:
     memory = FakeMemory()
-    return Scheduler(slots, 256, budget, memory, share_prefixes=share_prefixes), memory
+    return Scheduler(slots, 256, budget, memory), memory
 
 
 def run_prefill(scheduler: Scheduler, memory: FakeMemory) -> None:
@@ -142,19 +140,6 @@ def test_prefix_held_by_a_busy_slot_is_copied() -> None:
     assert newcomer.cached_tokens == len(system)
     assert memory.copies == [(source.seq_id, target.seq_id, len(system))]
     assert memory.cells[target.seq_id] == list(range(len(system)))
-
-
-def test_without_unified_kv_no_partial_copies() -> None:
-    scheduler, memory = make_scheduler(share_prefixes=False)
-    system = list(range(50, 80))
-    scheduler.add(make_group([*system, 1, 2]))
-    scheduler.admit()
-    run_prefill(scheduler, memory)
-    newcomer = make_group([*system, 3, 4])
-    scheduler.add(newcomer)
-    scheduler.admit()
-    assert memory.copies == []
-    assert newcomer.cached_tokens == 0
 
 
 def test_prompt_logprobs_disable_reuse() -> None:

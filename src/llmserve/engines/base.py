@@ -46,6 +46,8 @@ class EngineStats:
     steps_total: int
     alive: bool
     error: str | None = None
+    busy_seconds_total: float = 0.0  # engine time spent stepping; the rest is idle
+    decode_seconds_total: float = 0.0  # of that, inside the backend's forward pass
 
 
 @dataclass(frozen=True)

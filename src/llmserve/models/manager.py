@@ -300,6 +300,7 @@ class ModelManager:
             ctx_size=pick(options.ctx_size, s.ctx_size),
             parallel=pick(options.parallel, s.parallel),
             prefill_chunk=s.prefill_chunk,
+            kv_unified=s.kv_unified,
             n_threads=s.threads,
             n_threads_batch=s.threads_batch,
             max_queue=s.max_queue,

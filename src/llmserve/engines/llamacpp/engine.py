@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
@@ -62,7 +63,9 @@ class LlamaCppConfig:
     cache_type_v: str | None = None
     rope_freq_base: float | None = None  # None (or 0): the model's RoPE base frequency
     rope_freq_scale: float | None = None  # None (or 0): the model's; 0.5 stretches context 2x
-    kv_unified: bool = True  # one KV buffer for all slots: needed to share prompt prefixes
+    # One KV buffer for all slots, or one stream per slot (False). Separate streams were ~20%
+    # faster at 32 sequences here: attention then spans a slot's own cells, not every slot's.
+    kv_unified: bool = False
     # Let llama.cpp repack weights for CPU-specific kernels (AMX, ...) at load. Off by default:
     # in VMs that advertise AMX without enabling it, the first llama_decode segfaults.
     cpu_repack: bool = False
@@ -364,9 +367,11 @@ class LlamaCppEngine:
     def _run(self) -> None:
         try:
             while self._take_work():
+                started = time.perf_counter()
                 self._runner.step()
                 self._publish()
                 self._runner.flush_outbox()
+                self._runner.scheduler.counters.busy_seconds += time.perf_counter() - started
             self._shut_down()
         except BaseException as error:
             logger.exception("the llama.cpp engine thread died")
@@ -494,7 +499,6 @@ def _prepare_runner(config: LlamaCppConfig, model: LlamaModel) -> tuple[ModelInf
         ctx_size=ctx_size,
         prefill_budget=config.prefill_chunk,
         memory=model,
-        share_prefixes=config.kv_unified,
     )
     batch = TokenBatch(batch_capacity)
     return info, StepRunner(model, scheduler, batch, info.eog_token_ids)

@@ -90,6 +90,7 @@ class LlamaModel:
         self.n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(model))
         self.ctx: Any = None
         self.memory: Any = None
+        self.kv_unified = True  # set by create_context
         self.loras = LoraAdapters(model)
         self._pieces: dict[tuple[int, bool], bytes] = {}
 
@@ -118,7 +119,9 @@ class LlamaModel:
         params.n_ctx = settings.n_ctx
         params.n_seq_max = settings.n_seq_max
         params.n_batch = settings.n_batch
-        params.n_ubatch = min(settings.n_batch, 512)
+        # One step is one physical batch: split at 512, a full step (512 prompt tokens + one
+        # per decoding sequence) would run the weights twice, the second time for a handful.
+        params.n_ubatch = int(__import__("os").environ.get("LLMS_UBATCH", settings.n_batch))
         # Prompt logprobs need a logits row for every token of a sequence in the batch.
         params.n_outputs_max = settings.n_batch
         params.n_outputs_max_per_seq = settings.n_batch
@@ -140,6 +143,7 @@ class LlamaModel:
             raise EngineError(f"llama.cpp could not create a context of {settings.n_ctx} tokens")
         self.ctx = ctx
         self.memory = llama_cpp.llama_get_memory(ctx)
+        self.kv_unified = settings.kv_unified
 
     # -- KvMemory --------------------------------------------------------------------------
 
@@ -149,8 +153,14 @@ class LlamaModel:
             raise EngineError(f"llama.cpp refused to trim sequence {seq_id} at {position}")
 
     def copy_prefix(self, source: int, target: int, length: int) -> None:
-        """Share positions [0, length) of `source` with `target` (needs a unified KV cache)."""
-        llama_cpp.llama_memory_seq_cp(self.memory, source, target, 0, length)
+        """Give `target` the KV of positions [0, length) of `source`."""
+        if self.kv_unified:  # one buffer: the cells just gain a sequence id
+            llama_cpp.llama_memory_seq_cp(self.memory, source, target, 0, length)
+            return
+        # Separate streams: llama.cpp aborts on a partial copy between streams, so copy the
+        # whole stream (a buffer copy at the next decode, far cheaper than a prefill) and trim.
+        self.copy_all(source, target)
+        self.drop_from(target, length)
 
     def copy_all(self, source: int, target: int) -> None:
         """Give `target` all the KV of `source` (works with a per-sequence KV cache too)."""

@@ -5,6 +5,7 @@ Runs only on the engine thread, which owns every llama.cpp object used here.
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 from llmserve.core.errors import EngineError, LLMServeError
@@ -138,9 +139,15 @@ class StepRunner:
                     token, chunk.start + offset, slot.seq_id, chunk.wants_logits(offset)
                 )
                 assert index == chunk.batch_start + offset
-        status = self.batch.decode(self.model.ctx)
+        status = self._timed_decode()
         if status == DECODE_NO_KV_ROOM and self.scheduler.evict_idle_caches() > 0:
-            status = self.batch.decode(self.model.ctx)
+            status = self._timed_decode()
+        return status
+
+    def _timed_decode(self) -> int:
+        started = time.perf_counter()
+        status = self.batch.decode(self.model.ctx)
+        self.scheduler.counters.decode_seconds += time.perf_counter() - started
         return status
 
     # -- prompt logprobs -------------------------------------------------------------------
@@ -312,6 +319,8 @@ class StepRunner:
             steps_total=counters.steps,
             alive=alive,
             error=error,
+            busy_seconds_total=counters.busy_seconds,
+            decode_seconds_total=counters.decode_seconds,
         )
 
 

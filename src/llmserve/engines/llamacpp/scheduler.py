@@ -191,6 +191,8 @@ class Counters:
     cached_prompt_tokens: int = 0  # of those, reused from the prefix cache
     generated_tokens: int = 0
     steps: int = 0
+    busy_seconds: float = 0.0  # engine loop time spent on steps (not idle waiting)
+    decode_seconds: float = 0.0  # of that, time inside llama_decode
 
 
 def common_prefix_length(a: SequenceOf[int], b: SequenceOf[int], limit: int) -> int:
@@ -211,7 +213,6 @@ class Scheduler:
         ctx_size: int,
         prefill_budget: int,
         memory: KvMemory,
-        share_prefixes: bool = True,
     ) -> None:
         if n_slots < 1 or ctx_size < 1 or prefill_budget < 1:
             raise ValueError("slots, context size and prefill budget must be positive")
@@ -222,9 +223,6 @@ class Scheduler:
         self.running: list[Sequence] = []  # admission order: FIFO for prefill budget
         self.counters = Counters()
         self._memory = memory
-        # Copying part of one sequence's KV into another needs llama.cpp's unified KV cache;
-        # without it only whole-sequence copies (n > 1 forks) are possible.
-        self._share_prefixes = share_prefixes
 
     # -- queue -----------------------------------------------------------------------------
 
@@ -301,7 +299,7 @@ class Scheduler:
         }
         own = max(free, key=lambda s: (shared[s.seq_id], -s.last_used))
         own_length = shared[own.seq_id]
-        donor = max(self.slots if self._share_prefixes else free, key=lambda s: shared[s.seq_id])
+        donor = max(self.slots, key=lambda s: shared[s.seq_id])
         donor_length = shared[donor.seq_id]
         if donor_length > own_length:
             # A busy slot holds a longer prefix (e.g. a shared system prompt): share its KV
