@@ -73,6 +73,7 @@ class BenchConfig:
     prefix_repeats: int = 8
     warmup: int = 1
     seed: int = 0
+    seed_probe: int = 0
 
     def requests_for(self, concurrency: int) -> int:
         """Requests sent at one level: --requests, else 2 × concurrency but at least 8."""
@@ -151,12 +152,25 @@ class PrefixSummary:
 
 
 @dataclass
+class SeedSummary:
+    """Seeded sampling: do repeats alone agree, and do copies sent all at once agree?"""
+
+    solo_runs: int
+    solo_agree: int  # solo repeats whose text equals the first solo run's
+    other_seed_differs: bool  # a different seed gave a different text
+    concurrent_runs: int
+    concurrent_agree: int  # copies sent together whose text equals the first solo run's
+    errors: dict[str, int]
+
+
+@dataclass
 class BenchResult:
     """A whole run."""
 
     config: dict[str, Any]
     levels: list[LevelSummary]
     prefix: PrefixSummary | None = None
+    seeds: SeedSummary | None = None
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -400,7 +414,7 @@ def summarize(concurrency: int, results: list[RequestResult], wall: float) -> Le
 def make_client(cfg: BenchConfig) -> httpx.AsyncClient:
     """One HTTP client for the run: enough connections for the highest level, no proxies."""
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
-    slots = max(cfg.concurrency) + 4
+    slots = max(*cfg.concurrency, cfg.seed_probe) + 4
     return httpx.AsyncClient(
         base_url=cfg.url.rstrip("/") + "/",
         headers=headers,
@@ -498,6 +512,48 @@ async def prefix_probe(client: httpx.AsyncClient, cfg: BenchConfig, system: str)
     )
 
 
+SEED_PROBE_SOLO_RUNS = 3
+SEED_PROBE_TEMPERATURE = 0.8
+
+
+def response_text(body: dict[str, Any]) -> str:
+    """The first choice's text of a non-streamed completion or chat completion."""
+    choice = (body.get("choices") or [{}])[0]
+    message = choice.get("message") or {}
+    return str(choice.get("text") or message.get("content") or "")
+
+
+async def seeded_text(client: httpx.AsyncClient, cfg: BenchConfig, seed: int) -> str | None:
+    """One non-streamed seeded request; None if it failed."""
+    prompt = make_prompt(cfg.seed, "seeded", cfg.prompt_tokens)
+    body = request_body(cfg, cfg.endpoint, prompt, None, stream=False)
+    body.update(temperature=SEED_PROBE_TEMPERATURE, seed=seed)
+    try:
+        response = await client.post(ENDPOINT_PATHS[cfg.endpoint], json=body)
+    except httpx.HTTPError:
+        return None
+    return response_text(response.json()) if response.status_code == 200 else None
+
+
+async def seed_probe(client: httpx.AsyncClient, cfg: BenchConfig) -> SeedSummary:
+    """The same seeded request alone a few times, with another seed, then N copies at once."""
+    solo = [await seeded_text(client, cfg, 1234) for _ in range(SEED_PROBE_SOLO_RUNS)]
+    other = await seeded_text(client, cfg, 4321)
+    together = await asyncio.gather(
+        *(seeded_text(client, cfg, 1234) for _ in range(cfg.seed_probe))
+    )
+    reference = solo[0]
+    failed = sum(text is None for text in [*solo, other, *together])
+    return SeedSummary(
+        solo_runs=len(solo),
+        solo_agree=sum(text is not None and text == reference for text in solo),
+        other_seed_differs=other is not None and other != reference,
+        concurrent_runs=len(together),
+        concurrent_agree=sum(text is not None and text == reference for text in together),
+        errors={"failed": failed} if failed else {},
+    )
+
+
 def log(message: str) -> None:
     """Progress goes to stderr, results to stdout."""
     print(message, file=sys.stderr, flush=True)
@@ -516,6 +572,9 @@ async def run_benchmark(cfg: BenchConfig) -> BenchResult:
         if system is not None:
             log(f"shared-prefix probe: 1 + {cfg.prefix_repeats} sequential requests")
             result.prefix = await prefix_probe(client, cfg, system)
+        if cfg.seed_probe:
+            log(f"seed probe: {SEED_PROBE_SOLO_RUNS} + 1 solo requests, {cfg.seed_probe} at once")
+            result.seeds = await seed_probe(client, cfg)
         for concurrency in cfg.concurrency:
             log(f"concurrency {concurrency}: {cfg.requests_for(concurrency)} requests")
             result.levels.append(await run_level(client, cfg, concurrency, system))
@@ -590,6 +649,18 @@ def prefix_line(prefix: PrefixSummary) -> str:
     )
 
 
+def seed_line(seeds: SeedSummary) -> str:
+    """The seed probe in one line."""
+    errors = f", {seeds.errors['failed']} failed" if seeds.errors else ""
+    return (
+        f"seeded sampling (temperature {SEED_PROBE_TEMPERATURE}): {seeds.solo_agree}/"
+        f"{seeds.solo_runs} solo runs agree, another seed "
+        f"{'differs' if seeds.other_seed_differs else 'gives the same text'}; "
+        f"{seeds.concurrent_agree}/{seeds.concurrent_runs} copies sent at once agree with the "
+        f"solo run{errors}"
+    )
+
+
 def report(result: BenchResult) -> str:
     """The printed report: levels table, error kinds, prefix probe."""
     parts = [markdown_table(TABLE_HEADER, [level_cells(lv) for lv in result.levels])]
@@ -597,6 +668,8 @@ def report(result: BenchResult) -> str:
     parts += engine_lines(result.levels)
     if result.prefix:
         parts.append(prefix_line(result.prefix))
+    if result.seeds:
+        parts.append(seed_line(result.seeds))
     return "\n".join(parts)
 
 
@@ -645,6 +718,13 @@ def add_workload_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--prefix-repeats", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured requests first")
+    parser.add_argument(
+        "--seed-probe",
+        type=int,
+        default=0,
+        metavar="N",
+        help="seeded-sampling agreement: solo repeats, then N copies at once",
+    )
     parser.add_argument("--seed", type=int, default=0, help="varies every prompt")
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
 
@@ -670,6 +750,7 @@ def workload_config(
         prefix_repeats=args.prefix_repeats,
         warmup=args.warmup,
         seed=args.seed,
+        seed_probe=args.seed_probe,
     )
 
 

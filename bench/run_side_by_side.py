@@ -298,6 +298,8 @@ def server_notes(runs: list[ServerRun]) -> list[str]:
             notes += [f"  - {line}" for line in load.engine_lines(run.result.levels)]
             if run.result.prefix:
                 notes.append(f"  - {load.prefix_line(run.result.prefix)}")
+            if run.result.seeds:
+                notes.append(f"  - {load.seed_line(run.result.seeds)}")
     return notes
 
 

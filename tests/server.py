@@ -36,10 +36,14 @@ def free_port() -> int:
 
 
 @contextmanager
-def serve(app: FastAPI, wait_ready: bool = True, timeout: float = 60) -> Iterator[RunningServer]:
-    """Run `app` under uvicorn in a thread until the block exits."""
+def serve(
+    app: FastAPI, wait_ready: bool = True, timeout: float = 60, http: type | str = "auto"
+) -> Iterator[RunningServer]:
+    """Run `app` under uvicorn in a thread until the block exits (`http`: protocol class)."""
     port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", http=http
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
     thread.start()

@@ -128,11 +128,14 @@ async def _serve_all(*servers: uvicorn.Server) -> None:
 def _uvicorn_config(app: Any, host: str, port: int, settings: Settings) -> uvicorn.Config:
     import uvicorn
 
+    from llmserve.connections import with_head_timeout
+
     return uvicorn.Config(
         app,
         host=host,
         port=port,
         log_level=settings.log_level,
+        http=with_head_timeout(settings.header_timeout),
         timeout_keep_alive=30,
         # Past the grace period streams are aborted and end with a final event; this margin
         # lets those last events reach the clients before uvicorn cancels what is left.

@@ -114,6 +114,12 @@ class Settings(BaseSettings):
     shutdown_grace: float = Field(
         30, ge=0, description="Seconds in-flight requests get to finish after SIGTERM/SIGINT."
     )
+    header_timeout: float = Field(
+        30,
+        gt=0,
+        description="Seconds a client has to send a request's headers; then the connection "
+        "is closed.",
+    )
     max_body_bytes: int = Field(
         8 << 20, ge=1024, description="Largest request body accepted (413 beyond)."
     )
