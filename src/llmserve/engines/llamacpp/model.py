@@ -121,7 +121,7 @@ class LlamaModel:
         params.n_batch = settings.n_batch
         # One step is one physical batch: split at 512, a full step (512 prompt tokens + one
         # per decoding sequence) would run the weights twice, the second time for a handful.
-        params.n_ubatch = int(__import__("os").environ.get("LLMS_UBATCH", settings.n_batch))
+        params.n_ubatch = settings.n_batch
         # Prompt logprobs need a logits row for every token of a sequence in the batch.
         params.n_outputs_max = settings.n_batch
         params.n_outputs_max_per_seq = settings.n_batch
