@@ -74,52 +74,59 @@ class Metrics:
         self.registry.register(EngineCollector(stats_source))
 
 
+StatReader = Callable[[EngineStats], float]
+
+# name (after "llmserve_"), help text, how to read it from an engine's stats
+ENGINE_GAUGES: tuple[tuple[str, str, StatReader], ...] = (
+    ("queue_depth", "Requests waiting for a slot", lambda s: s.waiting),
+    ("running_sequences", "Sequences being decoded", lambda s: s.running),
+    ("free_slots", "Free sequence slots", lambda s: s.free_slots),
+    (
+        "kv_cache_usage_ratio",
+        "Used share of KV cache cells",
+        lambda s: s.kv_cells_used / max(1, s.kv_cells_total),
+    ),
+    (
+        "prefix_cache_hit_ratio",
+        "Prompt tokens served from the prefix cache",
+        lambda s: s.cached_prompt_tokens_total / max(1, s.prompt_tokens_total),
+    ),
+)
+# busy - decode is the engine's own overhead per step (Python, sampling, delivery).
+ENGINE_COUNTERS: tuple[tuple[str, str, StatReader], ...] = (
+    ("engine_steps", "Batches decoded", lambda s: s.steps_total),
+    ("engine_busy_seconds", "Engine thread time spent on steps", lambda s: s.busy_seconds_total),
+    (
+        "engine_decode_seconds",
+        "Engine thread time inside the backend's forward pass",
+        lambda s: s.decode_seconds_total,
+    ),
+)
+
+
 class EngineCollector(Collector):
-    """Gauges read from each engine's stats at scrape time."""
+    """Gauges and counters read from each engine's stats at scrape time."""
 
     def __init__(self, stats_source: Callable[[], Sequence[tuple[str, EngineStats]]]):
         self._source = stats_source
 
     def collect(self) -> Iterable[Metric]:
-        gauges = {
-            "queue_depth": ("Requests waiting for a slot", lambda s: s.waiting),
-            "running_sequences": ("Sequences being decoded", lambda s: s.running),
-            "free_slots": ("Free sequence slots", lambda s: s.free_slots),
-            "kv_cache_usage_ratio": (
-                "Used share of KV cache cells",
-                lambda s: s.kv_cells_used / max(1, s.kv_cells_total),
-            ),
-            "prefix_cache_hit_ratio": (
-                "Prompt tokens served from the prefix cache",
-                lambda s: s.cached_prompt_tokens_total / max(1, s.prompt_tokens_total),
-            ),
-        }
         stats = list(self._source())
-        for name, (doc, read) in gauges.items():
-            family = GaugeMetricFamily(f"llmserve_{name}", doc, labels=["model"])
-            for model, snapshot in stats:
-                family.add_metric([model], float(read(snapshot)))
-            yield family
-        yield from self._counters(stats)
+        yield from _families(GaugeMetricFamily, ENGINE_GAUGES, stats)
+        yield from _families(CounterMetricFamily, ENGINE_COUNTERS, stats)
 
-    def _counters(self, stats: list[tuple[str, EngineStats]]) -> Iterable[Metric]:
-        # busy - decode is the engine's own overhead per step (Python, sampling, delivery).
-        counters: dict[str, tuple[str, Callable[[EngineStats], float]]] = {
-            "engine_steps": ("Batches decoded", lambda s: s.steps_total),
-            "engine_busy_seconds": (
-                "Engine thread time spent on steps",
-                lambda s: s.busy_seconds_total,
-            ),
-            "engine_decode_seconds": (
-                "Engine thread time inside the backend's forward pass",
-                lambda s: s.decode_seconds_total,
-            ),
-        }
-        for name, (doc, read) in counters.items():
-            family = CounterMetricFamily(f"llmserve_{name}", doc, labels=["model"])
-            for model, snapshot in stats:
-                family.add_metric([model], float(read(snapshot)))
-            yield family
+
+def _families(
+    kind: type[GaugeMetricFamily] | type[CounterMetricFamily],
+    table: tuple[tuple[str, str, StatReader], ...],
+    stats: list[tuple[str, EngineStats]],
+) -> Iterable[Metric]:
+    """One metric family per table row, with a sample per model."""
+    for name, doc, read in table:
+        family = kind(f"llmserve_{name}", doc, labels=["model"])
+        for model, snapshot in stats:
+            family.add_metric([model], float(read(snapshot)))
+        yield family
 
 
 class InstrumentedEngine(EngineDecorator):
