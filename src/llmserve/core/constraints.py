@@ -21,6 +21,7 @@ from typing import Any
 
 from llama_cpp.llama_grammar import RESERVED_NAMES, BuiltinRule, SchemaConverter
 
+from llmserve.core import limits
 from llmserve.core.errors import InvalidRequestError
 from llmserve.core.regex_gbnf import RegexError, gbnf_literal, regex_to_gbnf
 
@@ -142,10 +143,7 @@ class CheckedSchema:
 def load_schema(schema: Any, param: str) -> Mapping[str, Any]:
     """A schema sent as an object or as JSON text, as a mapping."""
     if isinstance(schema, str):
-        try:
-            schema = json.loads(schema)
-        except json.JSONDecodeError as exc:
-            raise InvalidRequestError(f"{param} is not valid JSON: {exc}", param=param) from None
+        schema = limits.load_json_text(schema, param)
     if isinstance(schema, bool) or not isinstance(schema, Mapping):
         raise InvalidRequestError(f"{param} must be a JSON schema object", param=param)
     return schema
@@ -157,6 +155,7 @@ def check_schema(schema: Mapping[str, Any], param: str, ref_prefix: str = "") ->
     References become `#/$defs/<ref_prefix>ref-<n>-<name>`, so several checked schemas (one per
     tool) can share one document without their definitions colliding.
     """
+    limits.check_schema_depth(schema, param)
     checker = _SchemaChecker(schema, param, ref_prefix)
     try:
         body = checker.node(schema, "#")
@@ -181,26 +180,32 @@ def json_object_grammar() -> str:
 def regex_grammar(pattern: str, param: str) -> str:
     """GBNF for text that fully matches the regular expression `pattern`."""
     try:
-        return "root ::= " + regex_to_gbnf(pattern)
+        grammar = "root ::= " + regex_to_gbnf(pattern)
     except RegexError as exc:
         raise SchemaError(f"{param}: {exc}", param=param) from None
+    limits.check_compiled_grammar(grammar, param)
+    return grammar
 
 
 def choice_grammar(choices: Sequence[str], param: str) -> str:
     """GBNF for exactly one of `choices`."""
     if not choices:
         raise InvalidRequestError(f"{param} must list at least one choice", param=param)
-    return "root ::= " + " | ".join(gbnf_literal(choice) for choice in choices)
+    grammar = "root ::= " + " | ".join(gbnf_literal(choice) for choice in choices)
+    limits.check_compiled_grammar(grammar, param)
+    return grammar
 
 
 def gbnf_grammar(grammar: str | None, param: str = "grammar") -> str | None:
     """A client's own GBNF grammar, or None when blank; the engine parses it and 400s if invalid.
 
     The hook for dialects whose requests carry raw GBNF (Kobold's `grammar`, OpenAI-style
-    `grammar` / `guided_grammar`); `param` names the field in errors raised here.
+    `grammar` / `guided_grammar`); `param` names the field in errors raised here. Size and
+    nesting are bounded first: llama.cpp's parser recurses per nested group and would overflow.
     """
     if grammar is None or not grammar.strip():
         return None
+    limits.check_grammar_text(grammar, param)
     if "root" not in grammar:
         raise InvalidRequestError(f"{param} must define a `root` rule", param=param)
     return grammar
@@ -251,7 +256,9 @@ def _convert(schema: Mapping[str, Any], param: str) -> str:
         raise SchemaError(
             f"{param}: the schema cannot be turned into a grammar: {exc}", param=param
         ) from None
-    return str(converter.format_grammar())
+    grammar = str(converter.format_grammar())
+    limits.check_compiled_grammar(grammar, param)
+    return grammar
 
 
 # ---- checking ---------------------------------------------------------------------------------
@@ -450,6 +457,10 @@ class _SchemaChecker:
         additional = schema.get("additionalProperties")
         if not isinstance(properties, Mapping) or not isinstance(required, list):
             raise self.fail(path, "malformed `properties` or `required`")
+        if len(properties) > limits.MAX_SCHEMA_PROPERTIES:
+            raise self.fail(
+                path, f"an object with more than {limits.MAX_SCHEMA_PROPERTIES} properties"
+            )
         missing = [name for name in required if name not in properties]
         if missing:
             raise self.fail(path, f"`required` property {missing[0]!r} without a schema")

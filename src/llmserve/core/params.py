@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sized
 from dataclasses import dataclass, field
 from enum import IntEnum
+
+from llmserve.core import limits
+from llmserve.core.errors import InvalidRequestError
 
 
 class MirostatMode(IntEnum):
@@ -24,6 +28,11 @@ class DrySettings:
     allowed_length: int = 2
     penalty_last_n: int | None = None  # None: the whole context
     sequence_breakers: tuple[str, ...] = ("\n", ":", '"', "*")
+
+    def __post_init__(self) -> None:
+        """Bound the breakers: each one is a vocabulary scan when the sampler is built."""
+        _check_count(self.sequence_breakers, limits.MAX_DRY_SEQUENCE_BREAKERS, BREAKERS_PARAM)
+        _check_lengths(self.sequence_breakers, limits.MAX_DRY_BREAKER_LENGTH, BREAKERS_PARAM)
 
 
 @dataclass(frozen=True)
@@ -59,7 +68,57 @@ class SamplingParams:
     mirostat_eta: float = 0.1
     grammar: str | None = None  # GBNF, enforced by llama.cpp's grammar sampler
 
+    def __post_init__(self) -> None:
+        """Refuse sizes past the bounds in `limits`: each becomes work or memory per token."""
+        _check_count(self.stop, limits.MAX_STOP_STRINGS, "stop")
+        _check_lengths(self.stop, limits.MAX_STOP_LENGTH, "stop")
+        _check_count(self.stop_token_ids, limits.MAX_STOP_TOKEN_IDS, "stop_token_ids")
+        _check_count(self.banned_token_ids, limits.MAX_BANNED_TOKENS, BANNED_PARAM)
+        _check_count(self.logit_bias, limits.MAX_LOGIT_BIAS, "logit_bias")
+        _check_biases(self.logit_bias)
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and value > limits.MAX_LOGPROBS:
+                raise InvalidRequestError(
+                    f"{name} is {value}; at most {limits.MAX_LOGPROBS} are supported", param=name
+                )
+        if self.penalty_range is not None and self.penalty_range < 0:
+            raise InvalidRequestError("penalty_range must not be negative", param="penalty_range")
+        if self.grammar is not None:
+            # Every engine's last line of defence; gbnf_grammar holds clients' own GBNF tighter.
+            limits.check_grammar_text(self.grammar, "grammar", limits.MAX_COMPILED_GRAMMAR_BYTES)
+
     @property
     def greedy(self) -> bool:
         """True when sampling reduces to argmax."""
         return self.temperature <= 0.0
+
+
+BREAKERS_PARAM = "dry_sequence_breakers"
+BANNED_PARAM = "banned_tokens"  # what clients call it (TabbyAPI, Kobold); ids once tokenized
+
+
+def _check_count(items: Sized, limit: int, param: str) -> None:
+    if len(items) > limit:
+        raise InvalidRequestError(
+            f"{param} has {len(items)} entries; at most {limit} are accepted", param=param
+        )
+
+
+def _check_lengths(texts: tuple[str, ...], limit: int, param: str) -> None:
+    longest = max(map(len, texts), default=0)
+    if longest > limit:
+        raise InvalidRequestError(
+            f"{param} has an entry of {longest} characters; at most {limit} are accepted",
+            param=param,
+        )
+
+
+def _check_biases(biases: Mapping[int, float]) -> None:
+    bound = limits.MAX_ABS_LOGIT_BIAS
+    for token, bias in biases.items():
+        if not (math.isfinite(bias) and -bound <= bias <= bound):
+            raise InvalidRequestError(
+                f"logit_bias for token {token} is {bias}; biases lie in [-{bound:g}, {bound:g}]",
+                param="logit_bias",
+            )

@@ -19,6 +19,8 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from llmserve.core.limits import MAX_REPEAT_PRODUCT
+
 # re._parser is private but is the parser of the `re` module itself; it has no type stubs.
 _parser: Any = importlib.import_module("re._parser")
 _sre: Any = importlib.import_module("re._constants")
@@ -174,6 +176,7 @@ class _Translator:
 
     def __init__(self, json_string: bool) -> None:
         self.json_string = json_string
+        self.repeat_product = 1  # product of the counts of the repetitions enclosing this item
 
     def sequence(self, items: Sequence[Any], dotall: bool, at_start: bool, at_end: bool) -> str:
         """A sequence of pattern items; anchors are allowed only where nothing precedes/follows."""
@@ -244,7 +247,26 @@ class _Translator:
             raise RegexError(
                 f"repetition counts above {MAX_REPEAT_COUNT} are not supported", "{m,n}"
             )
-        inner = "(" + self.sequence(list(body), dotall, False, False) + ")"
+        factor = max(low, 1) if unbounded else high
+        if factor > 1 and _nullable(body):
+            # Each count may match nothing: every split of the text between them is a stack.
+            raise RegexError(
+                "a counted repetition of something that can match the empty string cannot be "
+                "enforced efficiently (write the inner part without ?, * or {0,n})",
+                "{m,n}",
+            )
+        enclosing = self.repeat_product
+        if enclosing * factor > MAX_REPEAT_PRODUCT:
+            raise RegexError(
+                f"nested repetitions allow {enclosing * factor} combinations of counts; at most "
+                f"{MAX_REPEAT_PRODUCT} are supported",
+                "{m,n}",
+            )
+        self.repeat_product = enclosing * factor
+        try:
+            inner = "(" + self.sequence(list(body), dotall, False, False) + ")"
+        finally:
+            self.repeat_product = enclosing
         if unbounded:
             suffix = {0: "*", 1: "+"}.get(low, f"{{{low},}}")
         elif (low, high) == (0, 1):
@@ -298,6 +320,24 @@ class _Translator:
                 "control characters",
             )
         return options[0] if len(options) == 1 else "(" + " | ".join(options) + ")"
+
+
+def _nullable(items: Sequence[Any]) -> bool:
+    """Whether a parsed pattern sequence can match the empty string."""
+    return all(_item_nullable(str(op), arg) for op, arg in items)
+
+
+def _item_nullable(name: str, arg: Any) -> bool:
+    if name == "AT":
+        return True
+    if name == "BRANCH":
+        return any(_nullable(list(alternative)) for alternative in arg[1])
+    if name == "SUBPATTERN":
+        return _nullable(list(arg[3]))
+    if name in ("MAX_REPEAT", "MIN_REPEAT"):
+        low, _high, body = arg
+        return bool(low == 0 or _nullable(list(body)))
+    return False  # characters, classes; unsupported items fail translation anyway
 
 
 def _class_expr(ranges: Ranges, negated: bool) -> str:

@@ -21,6 +21,7 @@ from typing import Any
 
 from llmserve.core.constraints import check_schema, schema_grammar
 from llmserve.core.errors import InvalidRequestError
+from llmserve.core.limits import check_schema_depth
 
 ARGUMENT_KEYS = ("arguments", "parameters")  # Llama 3.1 style models say "parameters"
 # A function declared without parameters takes none: its call carries `"arguments": {}`.
@@ -118,6 +119,9 @@ class ToolPlan:
             raise InvalidRequestError(
                 "tool_choice requires a tool but `tools` is empty", param="tool_choice"
             )
+        for index, tool in enumerate(self.tools):
+            # Templates and the call grammar walk these schemas recursively.
+            check_schema_depth(tool.parameters, f"tools[{index}].function.parameters")
 
     @property
     def active(self) -> bool:
