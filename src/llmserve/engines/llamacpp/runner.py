@@ -5,8 +5,11 @@ Runs only on the engine thread, which owns every llama.cpp object used here.
 
 from __future__ import annotations
 
+import ctypes
 import time
 from dataclasses import replace
+
+import numpy as np
 
 from llmserve.core.errors import EngineError, LLMServeError
 from llmserve.core.request import Delta, FinishReason, TokenLogprob, Usage
@@ -14,12 +17,13 @@ from llmserve.engines.base import EngineStats
 from llmserve.engines.llamacpp.batch import TokenBatch
 from llmserve.engines.llamacpp.model import LlamaModel
 from llmserve.engines.llamacpp.sampling import (
-    FloatRow,
+    FloatRows,
+    ScoredRows,
     build_sampler_chain,
     choice_seed,
-    log_softmax,
     mask_tokens,
-    token_logprob,
+    score_rows,
+    token_logprobs,
 )
 from llmserve.engines.llamacpp.scheduler import (
     RequestGroup,
@@ -153,30 +157,43 @@ class StepRunner:
     # -- prompt logprobs -------------------------------------------------------------------
 
     def _collect_prompt_logprobs(self, plan: StepPlan) -> None:
-        """Row at position p predicts prompt token p + 1."""
+        """Row at position p predicts prompt token p + 1; a chunk's rows are scored at once.
+
+        The scheduler caps all-logits chunks per step (`Scheduler.prompt_logits_budget`), so
+        this work per step is bounded however long the prompt is.
+        """
         for chunk in plan.chunks:
             group = chunk.sequence.group
             if not chunk.all_logits or group.prompt_logprobs is None:
                 continue
+            # The last prompt token's row predicts the first generated token, not a prompt one.
+            count = min(len(chunk.tokens), len(group.prompt) - 1 - chunk.start)
+            if count <= 0:
+                continue
             top_n = group.request.params.prompt_logprobs or 0
-            for offset in range(len(chunk.tokens)):
-                target = chunk.start + offset + 1
-                if target >= len(group.prompt):
-                    break
-                logprobs = log_softmax(self.model.logits_row(chunk.batch_start + offset))
-                group.prompt_logprobs.append(
-                    token_logprob(logprobs, group.prompt[target], top_n, self._special_piece)
-                )
+            targets = group.prompt[chunk.start + 1 : chunk.start + 1 + count]
+            rows = self._logits_block(chunk.batch_start, count)
+            group.prompt_logprobs.extend(token_logprobs(rows, targets, top_n, self._special_piece))
+
+    def _logits_block(self, start: int, count: int) -> FloatRows:
+        """Batch entries start..start+count-1's logits rows as one 2-D array.
+
+        A view of llama.cpp's buffer when it stores the rows one after another (it does for
+        consecutive entries that all want logits); a copy otherwise.
+        """
+        rows = [self.model.logits_row(start + offset) for offset in range(count)]
+        row_bytes = rows[0].nbytes
+        base = rows[0].ctypes.data
+        if all(row.ctypes.data == base + i * row_bytes for i, row in enumerate(rows)):
+            pointer = ctypes.cast(base, ctypes.POINTER(ctypes.c_float))
+            block: FloatRows = np.ctypeslib.as_array(pointer, shape=(count, rows[0].shape[0]))
+            return block
+        return np.stack(rows)
 
     # -- sampling --------------------------------------------------------------------------
 
     def _sample(self, ready: list[tuple[Sequence, int]]) -> None:
-        # Logprobs come from the raw rows, so read them all before any row is masked
-        # (choices forked from one prompt share a row).
-        raw_logprobs: dict[int, FloatRow] = {}
-        for seq, row in ready:
-            if seq.group.request.params.logprobs is not None and row not in raw_logprobs:
-                raw_logprobs[row] = log_softmax(self.model.logits_row(row))
+        scored, positions = self._score_sampled_rows(ready)
         for seq, row in ready:
             if seq.status is SeqStatus.FINISHED:
                 continue  # its request was ended earlier in this loop
@@ -192,7 +209,27 @@ class StepRunner:
             except LLMServeError as error:  # e.g. the grammar allows nothing the bias leaves
                 self.fail(seq.group, error)
                 continue
-            self._accept(seq, token, raw_logprobs.get(row))
+            position = positions.get(row)
+            where = None if scored is None or position is None else (scored, position)
+            self._accept(seq, token, where)
+
+    def _score_sampled_rows(
+        self, ready: list[tuple[Sequence, int]]
+    ) -> tuple[ScoredRows | None, dict[int, int]]:
+        """Score the rows whose sampled token wants logprobs; map batch row -> scored row."""
+        positions: dict[int, int] = {}
+        top_n = 0
+        for seq, row in ready:
+            wanted = seq.group.request.params.logprobs
+            if wanted is not None:
+                positions.setdefault(row, len(positions))  # forked choices share a row
+                top_n = max(top_n, wanted)
+        if not positions:
+            return None, positions
+        # A copy (one row per sequence, so bounded by the slots): sampling masks banned
+        # tokens in llama.cpp's rows, and logprobs are of the raw distribution.
+        block = np.stack([self.model.logits_row(row) for row in positions])
+        return score_rows(block, top_n), positions
 
     def _banned_now(self, seq: Sequence) -> list[int]:
         """Tokens that may not be sampled yet: EOG (ignore_eos, min_tokens), stop tokens."""
@@ -206,14 +243,15 @@ class StepRunner:
             banned.extend(params.stop_token_ids)
         return banned
 
-    def _accept(self, seq: Sequence, token: int, logprobs: FloatRow | None) -> None:
+    def _accept(self, seq: Sequence, token: int, logprobs: tuple[ScoredRows, int] | None) -> None:
         """Record a sampled token, then either stream it or end the choice."""
         seq.generated.append(token)
         self.scheduler.counters.generated_tokens += 1
         token_info: TokenLogprob | None = None
         if logprobs is not None:
+            scored, position = logprobs
             top_n = seq.group.request.params.logprobs or 0
-            token_info = token_logprob(logprobs, token, top_n, self._special_piece)
+            token_info = scored.token_entry(position, token, top_n, self._special_piece)
         text, reason, stop_reason = self._check_stop(seq, token)
         if reason is None and self._out_of_room(seq):
             reason = FinishReason.LENGTH

@@ -6,6 +6,7 @@ import ctypes
 import math
 import secrets
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import llama_cpp
@@ -13,6 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from llmserve.core.errors import InvalidRequestError
+from llmserve.core.limits import GRAMMAR_ERROR_CODE
 from llmserve.core.params import MirostatMode, SamplingParams
 from llmserve.core.request import TokenLogprob, TopLogprob
 
@@ -164,7 +166,9 @@ def build_sampler_chain(
 def _grammar_sampler(vocab: Any, grammar: str) -> Any:
     sampler = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
     if not sampler:
-        raise InvalidRequestError("the grammar is not valid GBNF", param="grammar")
+        raise InvalidRequestError(
+            "the grammar is not valid GBNF", param="grammar", code=GRAMMAR_ERROR_CODE
+        )
     return sampler
 
 
@@ -188,7 +192,7 @@ def _history_samplers(params: SamplingParams, vocab: Any, n_vocab: int, ctx_size
         or params.frequency_penalty != 0.0
         or params.presence_penalty != 0.0
     )
-    last_n = ctx_size if params.penalty_range is None else params.penalty_range
+    last_n = _window(params.penalty_range, ctx_size)
     if penalties_active and last_n > 0:
         samplers.append(
             llama_cpp.llama_sampler_init_penalties(
@@ -210,10 +214,25 @@ def _dry_sampler(params: SamplingParams, vocab: Any, ctx_size: int) -> Any:
     breakers = [text.encode() for text in dry.sequence_breakers if text]
     array = (ctypes.c_char_p * max(1, len(breakers)))(*breakers)
     # llama.cpp reads a negative look-back as "disabled", so "whole context" is explicit.
-    last_n = ctx_size if dry.penalty_last_n is None else dry.penalty_last_n
+    last_n = _window(dry.penalty_last_n, ctx_size)
     return llama_cpp.llama_sampler_init_dry(
-        vocab, dry.multiplier, dry.base, dry.allowed_length, last_n, array, len(breakers)
+        vocab,
+        dry.multiplier,
+        dry.base,
+        min(dry.allowed_length, ctx_size),  # no repeat is longer than the context
+        last_n,
+        array,
+        len(breakers),
     )
+
+
+def _window(requested: int | None, ctx_size: int) -> int:
+    """A look-back window in tokens: None is the whole context, and no window exceeds it.
+
+    llama.cpp allocates penalty and DRY buffers of the window's size up front (a request for
+    2**30 tokens took 4 GB, DRY 8 GB); a sequence never holds more than `ctx_size` tokens.
+    """
+    return ctx_size if requested is None else min(requested, ctx_size)
 
 
 def _tail_samplers(params: SamplingParams, n_vocab: int, seed: int) -> list[Any]:
@@ -235,16 +254,17 @@ def _tail_samplers(params: SamplingParams, n_vocab: int, seed: int) -> list[Any]
             ),
         ]
     return [
-        *_truncation_samplers(params, seed),
+        *_truncation_samplers(params, n_vocab, seed),
         llama_cpp.llama_sampler_init_temp(params.temperature),
         llama_cpp.llama_sampler_init_dist(seed),
     ]
 
 
-def _truncation_samplers(params: SamplingParams, seed: int) -> list[Any]:
+def _truncation_samplers(params: SamplingParams, n_vocab: int, seed: int) -> list[Any]:
     samplers: list[Any] = []
     if params.top_k is not None and params.top_k > 0:
-        samplers.append(llama_cpp.llama_sampler_init_top_k(params.top_k))
+        # Past the vocabulary top-k keeps everything; ctypes would wrap a huge k to <= 0.
+        samplers.append(llama_cpp.llama_sampler_init_top_k(min(params.top_k, n_vocab)))
     if params.typical_p < 1.0:
         samplers.append(llama_cpp.llama_sampler_init_typical(params.typical_p, MIN_KEEP))
     if params.top_p < 1.0:
@@ -262,46 +282,90 @@ def _truncation_samplers(params: SamplingParams, seed: int) -> list[Any]:
     return samplers
 
 
-def log_softmax(row: FloatRow) -> FloatRow:
-    """Log-probabilities of a logits row, computed in float64 for accuracy."""
-    wide = row.astype(np.float64)
-    peak = np.max(wide)
-    shifted = wide - peak
-    result: FloatRow = (shifted - np.log(np.sum(np.exp(shifted)))).astype(np.float32)
+FloatRows = npt.NDArray[np.float32]  # 2-D: one logits row per position
+WideArray = npt.NDArray[np.float64]
+IndexArray = npt.NDArray[np.intp]
+
+
+@dataclass(frozen=True)
+class ScoredRows:
+    """Logits rows scored in one vectorized pass: log-normalizers and likeliest tokens.
+
+    Nothing here is vocabulary-sized per token in Python or float64: logprobs are
+    `logit - log_norm`, a scalar subtraction, so the rows stay float32 (and, for prompt rows,
+    stay llama.cpp's own memory, uncopied).
+    """
+
+    rows: FloatRows
+    log_norm: WideArray  # per row: log(sum(exp(row)))
+    top_ids: IndexArray  # per row: the likeliest tokens, most likely first, ties by id
+
+    def token_entry(self, row: int, token_id: int, top_n: int, piece: PieceLookup) -> TokenLogprob:
+        """Token `token_id`'s logprob at `row`, with the row's `top_n` likeliest tokens."""
+        raw = piece(token_id)
+        return TokenLogprob(
+            token_id=token_id,
+            token=raw.decode("utf-8", errors="replace"),
+            logprob=self._logprob(row, token_id),
+            top=self.top_entries(row, top_n, piece),
+            bytes=tuple(raw),
+        )
+
+    def top_entries(self, row: int, top_n: int, piece: PieceLookup) -> tuple[TopLogprob, ...]:
+        """The `top_n` likeliest tokens at `row`, most likely first."""
+        if top_n <= 0:
+            return ()
+        ids = self.top_ids[row, :top_n].tolist()
+        return tuple(_top_entry(token, self._logprob(row, token), piece) for token in ids)
+
+    def _logprob(self, row: int, token_id: int) -> float:
+        return float(self.rows[row, token_id]) - float(self.log_norm[row])
+
+
+def score_rows(rows: FloatRows, top_n: int) -> ScoredRows:
+    """Score a 2-D block of logits rows at once (at most `top_n` candidates kept per row)."""
+    return ScoredRows(rows=rows, log_norm=log_normalizers(rows), top_ids=top_token_ids(rows, top_n))
+
+
+def log_normalizers(rows: FloatRows) -> WideArray:
+    """log(sum(exp(row))) per row, stably: max + log(sum(exp(row - max)))."""
+    peak = rows.max(axis=1)
+    shifted = rows - peak[:, np.newaxis]  # float32: the one vocabulary-sized temporary
+    np.exp(shifted, out=shifted)
+    # Only the per-row sums are widened: the float32 exps are good to ~1e-7 each, and
+    # float64 accumulation adds nothing to that over the whole vocabulary.
+    total = shifted.sum(axis=1, dtype=np.float64)
+    result: WideArray = peak.astype(np.float64) + np.log(total)
     return result
 
 
-def token_logprob(
-    logprobs: FloatRow, token_id: int, top_n: int, piece: PieceLookup
-) -> TokenLogprob:
-    """The chosen token's logprob with the `top_n` most likely tokens at that position."""
-    raw = piece(token_id)
-    return TokenLogprob(
-        token_id=token_id,
-        token=raw.decode("utf-8", errors="replace"),
-        logprob=float(logprobs[token_id]),
-        top=top_logprobs(logprobs, top_n, piece),
-        bytes=tuple(raw),
-    )
+def top_token_ids(rows: FloatRows, top_n: int) -> IndexArray:
+    """Per row the `top_n` highest logits' token ids, most likely first, ties by token id."""
+    count = min(max(top_n, 0), rows.shape[1])
+    if count == 0:
+        return np.empty((rows.shape[0], 0), dtype=np.intp)
+    # A partial sort (linear in the vocabulary), then a sort of only `count` candidates.
+    candidates = np.argpartition(rows, -count, axis=1)[:, -count:]
+    values = np.take_along_axis(rows, candidates, axis=1)
+    order = np.lexsort((candidates, -values), axis=-1)
+    result: IndexArray = np.take_along_axis(candidates, order, axis=1)
+    return result
 
 
-def top_logprobs(logprobs: FloatRow, top_n: int, piece: PieceLookup) -> tuple[TopLogprob, ...]:
-    """The `top_n` most likely tokens, most likely first."""
-    if top_n <= 0:
-        return ()
-    count = min(top_n, logprobs.shape[0])
-    candidates = np.argpartition(logprobs, -count)[-count:]
-    # Sort by logprob descending, ties by token id so the order is deterministic.
-    order = np.lexsort((candidates, -logprobs[candidates]))
-    return tuple(_top_entry(logprobs, int(candidates[i]), piece) for i in order)
+def token_logprobs(
+    rows: FloatRows, token_ids: Sequence[int], top_n: int, piece: PieceLookup
+) -> list[TokenLogprob]:
+    """Token `token_ids[i]`'s logprob under `rows[i]`, each with its row's `top_n` likeliest."""
+    scored = score_rows(rows, top_n)
+    return [scored.token_entry(i, token, top_n, piece) for i, token in enumerate(token_ids)]
 
 
-def _top_entry(logprobs: FloatRow, token_id: int, piece: PieceLookup) -> TopLogprob:
+def _top_entry(token_id: int, logprob: float, piece: PieceLookup) -> TopLogprob:
     raw = piece(token_id)
     return TopLogprob(
         token_id=token_id,
         token=raw.decode("utf-8", errors="replace"),
-        logprob=float(logprobs[token_id]),
+        logprob=logprob,
         bytes=tuple(raw),
     )
 

@@ -24,6 +24,11 @@ from llmserve.core.stops import StopMatcher
 if TYPE_CHECKING:
     from llmserve.engines.llamacpp.sampling import SamplerChain
 
+# Prompt positions per step whose logits rows are scored (echo + logprobs). Scoring a row
+# reads the whole vocabulary and an all-logits prefill also runs the output layer per token,
+# so a long scored prompt is spread over steps to bound what every other stream waits for.
+PROMPT_LOGITS_PER_STEP = 128
+
 
 class KvMemory(Protocol):
     """The two KV cache edits the scheduler makes."""
@@ -213,12 +218,15 @@ class Scheduler:
         ctx_size: int,
         prefill_budget: int,
         memory: KvMemory,
+        prompt_logits_budget: int = PROMPT_LOGITS_PER_STEP,
     ) -> None:
-        if n_slots < 1 or ctx_size < 1 or prefill_budget < 1:
-            raise ValueError("slots, context size and prefill budget must be positive")
+        if n_slots < 1 or ctx_size < 1 or prefill_budget < 1 or prompt_logits_budget < 1:
+            raise ValueError("slots, context size and prefill budgets must be positive")
         self.slots = [Slot(seq_id=i) for i in range(n_slots)]
         self.ctx_size = ctx_size
         self.prefill_budget = prefill_budget
+        # Of the prefill budget, at most this many tokens per step may need every logits row.
+        self.prompt_logits_budget = prompt_logits_budget
         self.waiting: deque[RequestGroup] = deque()
         self.running: list[Sequence] = []  # admission order: FIFO for prefill budget
         self.counters = Counters()
@@ -340,7 +348,7 @@ class Scheduler:
     # -- one step --------------------------------------------------------------------------
 
     def plan_step(self) -> StepPlan:
-        """Every decoding sequence's next token, then prefill chunks up to the budget."""
+        """Every decoding sequence's next token, then prefill chunks up to the budgets."""
         chunks: list[Chunk] = []
         row = 0
         for seq in self.running:
@@ -356,11 +364,17 @@ class Scheduler:
                 chunks.append(chunk)
                 row += 1
         budget = self.prefill_budget
+        logits_budget = self.prompt_logits_budget
         for seq in self.running:
             if seq.status is not SeqStatus.PREFILL or budget == 0:
                 continue
             remaining = len(seq.prompt) - seq.n_prefilled
             take = min(remaining, budget)
+            if seq.group.wants_prompt_logits:
+                take = min(take, logits_budget)
+                if take == 0:
+                    continue  # next step; prompts without prompt logprobs may still prefill
+                logits_budget -= take
             chunk = Chunk(
                 sequence=seq,
                 start=seq.n_prefilled,
