@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import hmac
 import logging
 import os
 import secrets
+import tempfile
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
@@ -14,6 +16,7 @@ import yaml
 from fastapi import Request
 
 from llmserve.core.errors import AuthenticationError, PermissionDeniedError
+from llmserve.models.leases import allow_model_loading
 
 log = logging.getLogger(__name__)
 
@@ -34,31 +37,112 @@ class Keys:
     admin: tuple[str, ...]
 
 
-def create_tokens_file(path: Path) -> None:
-    """Write a new api_tokens.yml with random keys, readable by its owner only."""
+# The stamp of a file that does not exist (real stamps have an inode number).
+MISSING = (0, 0, 0)
+
+
+class TokensFileError(ValueError):
+    """api_tokens.yml cannot be used; the message never quotes the file's content."""
+
+
+def create_tokens_file(path: Path) -> bool:
+    """Write a new api_tokens.yml with random keys, owner-only; False if one appeared first.
+
+    The file is written whole under a temporary name and then linked into place: a reader
+    never sees it half-written, and of two servers starting at once the second keeps (and
+    reads) the first one's keys instead of failing or overwriting them.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     content = yaml.safe_dump({"api_key": secrets.token_hex(16), "admin_key": secrets.token_hex(16)})
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:  # mkstemp's mode is 0600
+            handle.write(content)
+            handle.flush()
+            os.fsync(handle.fileno())
+        return _link_new(temporary, path, content)
+    finally:
+        os.unlink(temporary)
+
+
+def _link_new(temporary: str, path: Path, content: str) -> bool:
+    """Put `temporary` in place as `path` unless `path` exists; False if it does."""
+    try:
+        os.link(temporary, path)  # unlike rename, never replaces a file that appeared meanwhile
+        return True
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+    # A file system without hard links: exclusive creation, written at once.
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return False
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         handle.write(content)
+    return True
 
 
-def _as_tuple(value: object) -> tuple[str, ...]:
+def _as_tuple(value: object, field: str) -> tuple[str, ...]:
     if value is None:
         return ()
     items = value if isinstance(value, list) else [value]
+    if any(isinstance(item, dict | list) for item in items):
+        raise TokensFileError(f"{field} must be a key or a list of keys")
+    if any(len(str(item).split()) > 1 for item in items):
+        # Keys travel in headers; a space inside one is a lost line break or a cut-off file.
+        raise TokensFileError(f"a key in {field} contains whitespace")
     return tuple(str(item) for item in items if item)
 
 
+def parse_tokens(text: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The API and admin keys in an api_tokens.yml text."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        # Not str(exc): PyYAML quotes the offending line, which may hold a key.
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise TokensFileError(f"not valid YAML{where}") from None
+    if not isinstance(data, dict):
+        raise TokensFileError("expected a mapping with api_key and admin_key")
+    api, admin = (
+        _as_tuple(data.get("api_key"), "api_key"),
+        _as_tuple(data.get("admin_key"), "admin_key"),
+    )
+    if not api and not admin:
+        # Most likely caught between truncation and write; deleting the file revokes keys.
+        raise TokensFileError("holds neither api_key nor admin_key")
+    return api, admin
+
+
+def read_tokens_text(path: Path) -> str:
+    """The text of api_tokens.yml (TokensFileError when unreadable or not UTF-8)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise TokensFileError("not UTF-8 text") from None
+    except OSError as exc:
+        raise TokensFileError(exc.strerror or type(exc).__name__) from None
+
+
 class KeyStore:
-    """Reads api_tokens.yml (again whenever it changes) and adds the command-line API keys."""
+    """Reads api_tokens.yml (again whenever it changes) and adds the command-line API keys.
+
+    A file that cannot be read or parsed (half-written, mistyped) leaves the last good keys in
+    force, logs why once per change and shows in `problem` (and so in /health).
+    """
 
     def __init__(self, path: Path, extra_api_keys: list[str], disabled: bool):
         self.path = path
         self.disabled = disabled
         self._extra = tuple(extra_api_keys)
-        self._stamp: tuple[int, int] | None = None
+        self._stamp: tuple[int, int, int] | None = None
         self._keys = Keys(self._extra, ())
+        self._loaded = False  # whether the file was ever read successfully
+        self.problem: str | None = None
 
     def ensure_file(self) -> None:
         """Create the tokens file on first start; say where it is, never what it holds."""
@@ -69,24 +153,46 @@ class KeyStore:
             )
             return
         if not self.path.exists():
-            create_tokens_file(self.path)
-            log.info("created %s with new API and admin keys", self.path)
+            if create_tokens_file(self.path):
+                log.info("created %s with new API and admin keys", self.path)
+            else:
+                log.info("%s was created by another process meanwhile; using it", self.path)
         log.info("keys are in %s (mode 0600); `llmserve keys` prints them", self.path)
+        self.keys()
 
     def keys(self) -> Keys:
         """The current keys, re-read if the file changed since the last call."""
+        stamp = self._file_stamp()
+        if stamp != self._stamp:
+            self._stamp = stamp
+            self._reload(stamp != MISSING)
+        return self._keys
+
+    def _file_stamp(self) -> tuple[int, int, int]:
         try:
             stat = self.path.stat()
         except FileNotFoundError:
-            return Keys(self._extra, ())
-        stamp = (stat.st_mtime_ns, stat.st_size)
-        if stamp != self._stamp:
-            data = yaml.safe_load(self.path.read_text(encoding="utf-8")) or {}
-            self._keys = Keys(
-                self._extra + _as_tuple(data.get("api_key")), _as_tuple(data.get("admin_key"))
-            )
-            self._stamp = stamp
-        return self._keys
+            return MISSING
+        return stat.st_mtime_ns, stat.st_size, stat.st_ino
+
+    def _reload(self, exists: bool) -> None:
+        if not exists:
+            # A deleted file revokes its keys; only the command line's remain.
+            self._keys, self._loaded = Keys(self._extra, ()), False
+            self.problem = f"{self.path} does not exist; only --api-key keys are accepted"
+            log.warning("%s", self.problem)
+            return
+        try:
+            api, admin = parse_tokens(read_tokens_text(self.path))
+        except TokensFileError as exc:
+            kept = "keeping the last good keys" if self._loaded else "only --api-key keys work"
+            self.problem = f"{self.path}: {exc}; {kept}"
+            log.error("cannot use %s", self.problem)
+            return
+        self._keys, self._loaded = Keys(self._extra + api, admin), True
+        if self.problem is not None:
+            log.info("%s is usable again", self.path)
+        self.problem = None
 
     def permission(self, presented: list[str]) -> Permission:
         """The highest permission any presented key grants."""
@@ -129,6 +235,7 @@ async def require_api(request: Request) -> Permission:
     permission = request_permission(request)
     if permission < Permission.API:
         raise AuthenticationError("a valid API key is required (Authorization: Bearer KEY)")
+    allow_model_loading(permission >= Permission.ADMIN)  # inline model loads need the admin key
     return permission
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import TYPE_CHECKING, Any, get_args, get_origin
 from pydantic import ValidationError
 
 from llmserve.config import Settings, example_config, load_settings
+from llmserve.exposure import is_loopback
 
 if TYPE_CHECKING:
     import uvicorn
@@ -27,7 +27,7 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
         if kind is bool or kind == bool | None:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=field.description)
         elif get_origin(kind) is list or list in get_args(kind):
-            parser.add_argument(flag, action="append", help=field.description + " (repeatable)")
+            parser.add_argument(flag, action="append", help=f"{field.description} (repeatable)")
         else:
             parser.add_argument(flag, help=field.description)
     parser.add_argument("--config", type=Path, help="config.yml to read settings from.")
@@ -72,27 +72,36 @@ def print_keys(args: argparse.Namespace) -> None:
 
 
 def check_exposure(settings: Settings) -> None:
-    """Refuse an open server on a non-loopback address unless explicitly allowed."""
-    if (
-        settings.disable_auth
-        and not is_loopback(settings.host)
-        and not settings.i_know_this_is_public
-    ):
+    """Refuse routes open without a key on a non-loopback address unless explicitly allowed."""
+    problem = exposure_problem(settings)
+    if problem is not None and not settings.i_know_this_is_public:
         raise SystemExit(
-            f"llmserve: refusing to start with auth disabled on {settings.host}: anyone who can "
-            "reach that address could use the server and its admin API. Keep auth on, listen on "
-            "127.0.0.1, or pass --i-know-this-is-public."
+            f"llmserve: refusing to start with {problem}. Keep keys on, listen on 127.0.0.1, "
+            "or pass --i-know-this-is-public."
         )
 
 
-def is_loopback(host: str) -> bool:
-    """True for localhost and loopback addresses."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+def exposure_problem(settings: Settings) -> str | None:
+    """What these settings would open to anyone on a public address, if anything."""
+    if settings.disable_auth:
+        for address, what in listening(settings):
+            if not is_loopback(address):
+                return f"auth disabled on {address}: anyone who can reach it could use {what}"
+    elif not settings.kobold_auth and not is_loopback(settings.host):
+        return (
+            f"--no-kobold-auth on {settings.host}: anyone who can reach it could use the "
+            "Kobold routes without a key"
+        )
+    return None
+
+
+def listening(settings: Settings) -> list[tuple[str, str]]:
+    """Each address the server listens on, with what it serves there."""
+    if not settings.admin_api:
+        return [(settings.host, "the server")]
+    if settings.admin_port is None:
+        return [(settings.host, "the server and its admin API")]
+    return [(settings.host, "the server"), (settings.admin_host or settings.host, "the admin API")]
 
 
 def serve(settings: Settings) -> None:
@@ -129,8 +138,9 @@ def _uvicorn_config(app: Any, host: str, port: int, settings: Settings) -> uvico
     import uvicorn
 
     from llmserve.connections import with_head_timeout
+    from llmserve.observability import install_redaction
 
-    return uvicorn.Config(
+    config = uvicorn.Config(
         app,
         host=host,
         port=port,
@@ -141,6 +151,10 @@ def _uvicorn_config(app: Any, host: str, port: int, settings: Settings) -> uvico
         # lets those last events reach the clients before uvicorn cancels what is left.
         timeout_graceful_shutdown=int(settings.shutdown_grace) + 10,
     )
+    # After uvicorn.Config, which configures uvicorn's loggers: its access line shows the
+    # query string, where some clients put their key.
+    install_redaction()
+    return config
 
 
 def main(argv: list[str] | None = None) -> None:

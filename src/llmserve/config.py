@@ -15,6 +15,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from llmserve import exposure
+
 # A list setting read from the environment as "a,b,c" rather than as JSON.
 StrList = Annotated[list[str], NoDecode]
 
@@ -28,7 +30,15 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address to listen on.")
     port: int = Field(8000, ge=0, le=65535, description="Port to listen on.")
     cors_origins: StrList = Field(
-        ["*"], description="Origins allowed to call the API from a browser (CORS)."
+        [],
+        description="Origins allowed to call the API from a browser (CORS): `*`, an origin "
+        "such as https://app.example, or `localhost` for any loopback origin. Empty: `*` on "
+        "routes that need a key, loopback origins only on routes open without one.",
+    )
+    allowed_hosts: StrList = Field(
+        [],
+        description="Host header names accepted on routes open without a key, besides "
+        "loopback names and the listening addresses (DNS rebinding guard); `*` accepts any.",
     )
 
     # Model
@@ -146,16 +156,30 @@ class Settings(BaseSettings):
         "info", description="Log verbosity."
     )
 
-    @field_validator("cors_origins", "served_model_name", "api_key", mode="before")
+    @field_validator("cors_origins", "allowed_hosts", "served_model_name", "api_key", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
 
+    @field_validator("cors_origins")
+    @classmethod
+    def _check_origins(cls, value: list[str]) -> list[str]:
+        return [exposure.checked_origin(origin) for origin in value]
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _check_hosts(cls, value: list[str]) -> list[str]:
+        return [exposure.checked_host(host) for host in value]
+
     def tokens_path(self) -> Path:
         """Where api_tokens.yml lives."""
         return self.api_tokens_file or Path("api_tokens.yml")
+
+    def written_paths(self) -> list[Path]:
+        """Every file the server may create or rewrite (with its folder): for deployments."""
+        return [] if self.disable_auth else [self.tokens_path()]
 
     @classmethod
     def settings_customise_sources(
@@ -174,14 +198,22 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     """Build Settings from `config_file` (if any), the environment and `overrides` (CLI flags)."""
     if config_file is None:
         return Settings(**overrides)
-    overrides.setdefault("api_tokens_file", config_file.parent / "api_tokens.yml")
     if not config_file.is_file():
         raise FileNotFoundError(f"config file not found: {config_file}")
 
     class FileSettings(Settings):
         model_config = SettingsConfigDict(yaml_file=config_file)
 
-    return FileSettings(**overrides)
+    settings = FileSettings(**overrides)
+    # Only here, so that api_tokens_file in config.yml (or the environment) still counts.
+    if settings.api_tokens_file is None:
+        settings.api_tokens_file = default_tokens_file(config_file)
+    return settings
+
+
+def default_tokens_file(config_file: Path) -> Path:
+    """api_tokens.yml beside config.yml, unless a setting names another file."""
+    return config_file.parent / "api_tokens.yml"
 
 
 def example_config() -> str:

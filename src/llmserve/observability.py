@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -25,6 +26,66 @@ log = logging.getLogger("llmserve.access")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
+# The `route` label of requests no route matched: raw paths would grow the registry forever.
+UNMATCHED = "unmatched"
+REDACTED = "[REDACTED]"
+# Query parameters that carry keys (`?api_key=`, `?key=`, `?token=`, ...), and header-like
+# `Authorization: ...` / `x-api-key=...` values or bare `Bearer ...` tokens anywhere in a line.
+SECRET_QUERY = re.compile(
+    r"(?i)([?&;](?:api[_-]?key|key|token|access[_-]?token|auth|authorization|password|secret)"
+    r"=)[^&;#\s\"']*"
+)
+SECRET_VALUE = re.compile(
+    r"(?i)\b((?:authorization|proxy-authorization|x-api-key|x-admin-key)[\"']?\s*[:=]\s*[\"']?)"
+    r"(?:(?:bearer|basic|token)\s+)?[^\s\"',&;]+"
+)
+BEARER = re.compile(r"(?i)\b(bearer\s+)[a-z0-9._~+/=-]+")
+
+
+def redact(text: str) -> str:
+    """`text` with key-carrying query parameters and authorization values replaced."""
+    text = SECRET_QUERY.sub(rf"\1{REDACTED}", text)
+    text = SECRET_VALUE.sub(rf"\1{REDACTED}", text)
+    return BEARER.sub(rf"\1{REDACTED}", text)
+
+
+class RedactSecrets(logging.Filter):
+    """A logging filter that redacts keys from a record's message and arguments."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Rewrite the record in place (keeping uvicorn's access-log argument tuple); keep it."""
+        if isinstance(record.msg, str):
+            record.msg = redact(record.msg)
+        if isinstance(record.args, tuple):
+            record.args = tuple(_redact_arg(arg) for arg in record.args)
+        elif isinstance(record.args, dict):
+            record.args = {key: _redact_arg(arg) for key, arg in record.args.items()}
+        return True
+
+
+def _redact_arg(arg: object) -> object:
+    if isinstance(arg, str):
+        return redact(arg)
+    if arg is None or isinstance(arg, int | float):
+        return arg
+    text = str(arg)  # URLs, headers objects: replace only when they hold a secret
+    cleaned = redact(text)
+    return arg if cleaned == text else cleaned
+
+
+# Loggers whose records carry request lines; uvicorn's do not propagate to the root logger.
+REQUEST_LOGGERS = ("uvicorn.access", "uvicorn.error", "uvicorn", "llmserve.access")
+
+
+def install_redaction() -> None:
+    """Redact keys in every log line: on the request loggers and on the root handlers."""
+    targets: list[logging.Filterer] = [logging.getLogger(name) for name in REQUEST_LOGGERS]
+    targets += logging.getLogger().handlers
+    for target in targets:
+        if not any(isinstance(f, RedactSecrets) for f in target.filters):
+            target.addFilter(RedactSecrets())
+
+
 @dataclass
 class RequestRecord:
     """What one HTTP request did, filled in as it runs and logged when it ends."""
@@ -32,6 +93,7 @@ class RequestRecord:
     request_id: str
     method: str
     route: str
+    path: str | None = None  # only for requests no route matched
     status: int = 0
     model: str | None = None
     prompt_tokens: int = 0
@@ -205,11 +267,14 @@ class AccessLog:
             self._finish(scope, record)
 
     def _finish(self, scope: Scope, record: RequestRecord) -> None:
-        route = scope.get("route")
-        record.route = getattr(route, "path", record.route)
+        template = getattr(scope.get("route"), "path", None)
+        if template is None:
+            record.route, record.path = UNMATCHED, record.route[:200]
+        else:
+            record.route = template
         self.metrics.requests.labels(record.route, str(record.status or 499)).inc()
         if record.route not in self.skip_paths:
-            log.info("%s", json.dumps(_log_fields(record), separators=(",", ":")))
+            log.info("%s", redact(json.dumps(_log_fields(record), separators=(",", ":"))))
 
 
 def _log_fields(record: RequestRecord) -> dict[str, Any]:

@@ -135,3 +135,42 @@ def test_disable_auth_opens_everything_and_warns(
         assert httpx.get(server.url + "/v1/auth/permission").json() == {"permission": "admin"}
     assert "authentication is DISABLED" in caplog.text
     assert not (tmp_path / "t.yml").exists()
+
+
+def test_broken_tokens_file_keeps_serving_and_health_says_so(
+    keyed_server: RunningServer, tokens_file: Path
+) -> None:
+    good = tokens_file.read_text()
+    keys = yaml.safe_load(good)
+    # Caught mid-write: the list of API keys is cut off inside its second key.
+    tokens_file.write_text(f"admin_key: {keys['admin_key']}\napi_key: [{keys['api_key']}, ab")
+    try:
+        for _ in range(3):
+            r = chat(keyed_server, Authorization=f"Bearer {keys['api_key']}")
+            assert r.status_code == 200, r.text
+        assert chat(keyed_server, Authorization="Bearer nope").status_code == 401
+        health = httpx.get(keyed_server.url + "/health")
+        assert health.status_code == 200
+        (problem,) = health.json()["problems"]
+        assert str(tokens_file) in problem and "keeping the last good keys" in problem
+        assert keys["api_key"] not in health.text
+    finally:
+        tokens_file.write_text(good)
+    assert "problems" not in httpx.get(keyed_server.url + "/health").json()
+
+
+def test_tokens_file_broken_at_start_gives_401_not_500(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    tokens = tmp_path / "api_tokens.yml"
+    tokens.write_bytes(b"api_key: \xff\xfe not text\n")
+    settings = Settings(api_tokens_file=tokens, api_key=[CLI_KEY])
+    manager = ModelManager(settings)
+    manager.register(FakeEngine(), ["fake-model"], load_template(None, "gguf"))
+    with caplog.at_level(logging.ERROR), serve(create_app(settings, manager)) as server:
+        assert chat(server, Authorization="Bearer anything").status_code == 401
+        assert chat(server).status_code == 401
+        assert chat(server, Authorization=f"Bearer {CLI_KEY}").status_code == 200
+        health = httpx.get(server.url + "/health").json()
+        assert "only --api-key keys" in health["problems"][0]
+    assert f"cannot use {tokens}: not UTF-8 text" in caplog.text

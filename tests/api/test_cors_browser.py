@@ -1,7 +1,13 @@
-"""CORS from a real browser: headless Chromium on a page served from another loopback port."""
+"""CORS from a real browser: headless Chromium on a page served from another origin.
+
+Under CI=true a missing Chromium fails these tests (.ci/run installs it); elsewhere they skip.
+`evil.example` resolves to 127.0.0.1 inside the browser, so a page can come from a foreign,
+non-loopback origin without any network.
+"""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -12,6 +18,7 @@ from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import httpx
 import pytest
 
 from llmserve.app import create_app
@@ -22,7 +29,18 @@ from tests.fake_engine import FakeEngine
 from tests.server import RunningServer, serve
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
+EVIL_HOST = "evil.example"
+
+
+@pytest.fixture(autouse=True)
+def chromium() -> str:
+    """Chromium's path; without it: a failure under CI=true, a skip elsewhere."""
+    if CHROMIUM is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("chromium is not installed, and CI=true needs it (see .ci/run)")
+        pytest.skip("chromium is not installed")
+    return CHROMIUM
+
 
 PAGE = """<!doctype html><html><body><pre id="out">pending</pre><script>
 fetch("%(api)s/v1/chat/completions", {
@@ -35,10 +53,22 @@ fetch("%(api)s/v1/chat/completions", {
 function show(text) { document.getElementById("out").textContent = text; }
 </script></body></html>"""
 
+# A "simple" request: no preflight, so CORS cannot stop it from running, only from being read.
+SIMPLE_POST_PAGE = """<!doctype html><html><body><pre id="out">pending</pre><script>
+fetch("%(api)s/v1/model/unload", {method: "POST", mode: "no-cors", body: "{}",
+  headers: {"Content-Type": "text/plain"}})
+  .then(r => { show("sent:" + r.type); })
+  .catch(e => { show("error:" + e); });
+function show(text) { document.getElementById("out").textContent = text; }
+</script></body></html>"""
 
-def llmserve_app(tmp: Path, origins: list[str]) -> object:
+
+def llmserve_app(tmp: Path, origins: list[str], disable_auth: bool = False) -> object:
     settings = Settings(
-        api_key=["browser-key"], api_tokens_file=tmp / "t.yml", cors_origins=origins
+        api_key=["browser-key"],
+        api_tokens_file=tmp / "t.yml",
+        cors_origins=origins,
+        disable_auth=disable_auth,
     )
     manager = ModelManager(settings)
     manager.register(FakeEngine(), ["m"], load_template(None, "gguf"))
@@ -57,8 +87,15 @@ def page_server(tmp_path: Path) -> Iterator[tuple[Path, int]]:
         httpd.shutdown()
 
 
-def browse(page_dir: Path, page_port: int, api: RunningServer) -> str:
-    (page_dir / "index.html").write_text(PAGE % {"api": api.url})
+def browse(
+    page_dir: Path,
+    page_port: int,
+    api: RunningServer,
+    page_host: str = "127.0.0.1",
+    page: str = PAGE,
+) -> str:
+    """What the page at http://page_host:page_port shows after its script ran."""
+    (page_dir / "index.html").write_text(page % {"api": api.url})
     with tempfile.TemporaryDirectory() as profile:
         result = subprocess.run(
             [
@@ -71,10 +108,11 @@ def browse(page_dir: Path, page_port: int, api: RunningServer) -> str:
                 "--disable-background-networking",
                 "--disable-component-update",
                 "--disable-sync",
+                f"--host-resolver-rules=MAP {EVIL_HOST} 127.0.0.1",
                 f"--user-data-dir={profile}",
                 "--virtual-time-budget=15000",
                 "--dump-dom",
-                f"http://127.0.0.1:{page_port}/index.html",
+                f"http://{page_host}:{page_port}/index.html",
             ],
             capture_output=True,
             text=True,
@@ -103,3 +141,37 @@ def test_origin_not_allowed_is_blocked_by_the_browser(
     with serve(app) as api:  # type: ignore[arg-type]
         shown = browse(page_dir, page_port, api)
     assert shown.startswith("blocked:")
+
+
+def test_auth_off_admits_a_loopback_page(
+    page_server: tuple[Path, int], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    page_dir, page_port = page_server
+    app = llmserve_app(tmp_path_factory.mktemp("cors"), [], disable_auth=True)
+    with serve(app) as api:  # type: ignore[arg-type]
+        shown = browse(page_dir, page_port, api, page_host="localhost")
+    assert shown.startswith("reply:alpha beta")
+
+
+def test_auth_off_blocks_a_page_on_a_foreign_origin(
+    page_server: tuple[Path, int], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    page_dir, page_port = page_server
+    app = llmserve_app(tmp_path_factory.mktemp("cors"), [], disable_auth=True)
+    with serve(app) as api:  # type: ignore[arg-type]
+        shown = browse(page_dir, page_port, api, page_host=EVIL_HOST)
+    assert shown.startswith("blocked:")
+
+
+def test_auth_off_refuses_a_foreign_pages_simple_post(
+    page_server: tuple[Path, int], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    page_dir, page_port = page_server
+    app = llmserve_app(tmp_path_factory.mktemp("cors"), [], disable_auth=True)
+    with serve(app) as api:  # type: ignore[arg-type]
+        shown = browse(page_dir, page_port, api, page_host=EVIL_HOST, page=SIMPLE_POST_PAGE)
+        models = httpx.get(api.url + "/v1/models").json()
+        metrics = httpx.get(api.url + "/metrics").text
+    assert shown == "sent:opaque"  # the browser sent it; the server refused it
+    assert [m["id"] for m in models["data"]] == ["m"]
+    assert 'status="403"' in metrics

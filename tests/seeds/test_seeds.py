@@ -211,7 +211,8 @@ def test_sandbox_browser_fetch(open_server: RunningServer) -> None:
         headers={**JSON, "Origin": "http://127.0.0.1:3000"},
         timeout=120,
     )
-    assert r.headers["access-control-allow-origin"] == "*"
+    # Auth is off: loopback origins are let in (each echoed), others refused.
+    assert r.headers["access-control-allow-origin"] == "http://127.0.0.1:3000"
     assert r.json()["choices"][0]["message"]["content"]
 
 

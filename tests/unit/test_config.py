@@ -43,3 +43,21 @@ def test_example_config_lists_every_setting_with_its_description() -> None:
     parsed = yaml.safe_load(text)
     assert {"host", "port", "model", "ctx_size", "threads", "log_level"} <= set(parsed)
     assert "# Context length per sequence" in text
+
+
+def test_allowed_hosts_and_cors_origins_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    args = _parse(["--allowed-hosts", "llm.example", "--allowed-hosts", "10.0.0.5"])
+    monkeypatch.setenv("LLMSERVE_CORS_ORIGINS", "localhost,https://App.example/")
+    settings = load_settings(None, **_overrides(args))
+    assert settings.allowed_hosts == ["llm.example", "10.0.0.5"]
+    assert settings.cors_origins == ["localhost", "https://app.example"]
+    monkeypatch.delenv("LLMSERVE_CORS_ORIGINS")
+    assert load_settings(None).cors_origins == []  # chosen per route from the auth settings
+
+
+def test_tokens_file_named_in_config_yml_is_used(tmp_path: Path) -> None:
+    config = tmp_path / "config.yml"
+    config.write_text(yaml.safe_dump({"api_tokens_file": "/var/lib/llmserve/api_tokens.yml"}))
+    assert load_settings(config).api_tokens_file == Path("/var/lib/llmserve/api_tokens.yml")
+    config.write_text(yaml.safe_dump({"port": 1}))
+    assert load_settings(config).api_tokens_file == tmp_path / "api_tokens.yml"

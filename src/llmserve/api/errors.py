@@ -62,13 +62,24 @@ def install_error_handlers(app: FastAPI, renderers: ErrorRenderers) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        error = (
-            NotFoundError(str(exc.detail))
-            if exc.status_code == 404
-            else LLMServeError(str(exc.detail))
-        )
-        error.status = exc.status_code
-        return render(request, error)
+        response = render(request, http_error(exc.status_code, str(exc.detail)))
+        response.headers.update(exc.headers or {})  # e.g. the 405's Allow
+        return response
+
+
+def http_error(status: int, message: str) -> LLMServeError:
+    """A framework HTTPException as our error: a client error type for every 4xx."""
+    error: LLMServeError
+    if status in HTTP_ERRORS:
+        error = HTTP_ERRORS[status](message)
+    elif status == 405:
+        error = InvalidRequestError(message, code="method_not_allowed")
+    elif 400 <= status < 500:
+        error = InvalidRequestError(message)
+    else:
+        error = LLMServeError(message)
+    error.status = status
+    return error
 
 
 def retry_headers(exc: LLMServeError) -> dict[str, str] | None:

@@ -9,7 +9,8 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
-from llmserve.auth import Permission, require_api
+from llmserve.api.http import LenientJSONRoute
+from llmserve.auth import KeyStore, Permission, require_api
 from llmserve.models.manager import ModelManager
 
 Granted = Annotated[Permission, Depends(require_api)]
@@ -21,9 +22,18 @@ class PermissionResponse(BaseModel):
     permission: str
 
 
+def operator_problems(request: Request) -> list[str]:
+    """What the operator should fix while the server keeps serving (a broken api_tokens.yml)."""
+    keys: KeyStore = request.app.state.keys
+    if keys.disabled:
+        return []
+    keys.keys()  # re-read a changed file now, so /health tells its state without a request
+    return [keys.problem] if keys.problem else []
+
+
 def build_router() -> APIRouter:
     """/health: 200 when a model serves, 503 while loading or after an engine failure."""
-    router = APIRouter(tags=["ops"])
+    router = APIRouter(route_class=LenientJSONRoute, tags=["ops"])
 
     @router.get("/metrics", dependencies=[Depends(require_api)])
     async def metrics(request: Request) -> Response:
@@ -37,9 +47,12 @@ def build_router() -> APIRouter:
     @router.get("/health")
     async def health(request: Request) -> JSONResponse:
         models: ModelManager = request.app.state.models
-        if models.ready:
-            return JSONResponse({"status": "ok"})
-        reason = models.load_error or models.engine_error() or "loading"
-        return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
+        body: dict[str, object] = {"status": "ok"}
+        if not models.ready:
+            reason = models.load_error or models.engine_error() or "loading"
+            body = {"status": "unavailable", "reason": reason}
+        if problems := operator_problems(request):
+            body["problems"] = problems
+        return JSONResponse(body, status_code=200 if models.ready else 503)
 
     return router
