@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
-from fastapi.middleware.cors import CORSMiddleware
 
 from llmserve import __version__
 from llmserve.api import ops
@@ -25,8 +24,11 @@ from llmserve.api.together import routes as together_routes
 from llmserve.api.together.serving import TogetherServing, together_error_response
 from llmserve.auth import KeyStore, require_api
 from llmserve.config import Settings
+from llmserve.core.errors import LLMServeError
 from llmserve.engines.base import Engine
+from llmserve.exposure import BrowserGuard, PathCORS
 from llmserve.models.deadline import DeadlineEngine
+from llmserve.models.leases import LeaseScope
 from llmserve.models.manager import ModelManager
 from llmserve.observability import AccessLog, InstrumentedEngine, Metrics
 
@@ -47,14 +49,16 @@ def create_app(settings: Settings, models: ModelManager | None = None) -> FastAP
         if not manager.loaded():
             # Load in the background so /health can answer 503 while the model loads.
             loading = asyncio.create_task(_load(manager))
+        manager.start_monitor()
         yield
         if loading is not None:
-            loading.cancel()
+            loading.cancel()  # the load itself finishes (it is shielded); close() waits for it
         await manager.close()
 
     app = FastAPI(title="llmserve", version=__version__, lifespan=lifespan)
     _attach_state(app, settings, manager, keys, metrics)
     _add_middleware(app, settings)
+    app.add_middleware(LeaseScope)  # outermost: leases end after the response is fully sent
     app.include_router(ops.build_router())
     app.include_router(admin_routes.build_info_router())
     if settings.admin_api and settings.admin_port is None:
@@ -71,6 +75,7 @@ def create_admin_app(main: FastAPI) -> FastAPI:
     for name in ("settings", "models", "keys", "metrics", "overrides", "admin"):
         setattr(admin.state, name, getattr(main.state, name))
     _add_middleware(admin, main.state.settings)
+    admin.add_middleware(LeaseScope)
     admin.include_router(admin_routes.build_admin_router())
     return admin
 
@@ -86,18 +91,13 @@ def _attach_state(
     app.state.openai = OpenAIServing(manager, app.state.overrides)
     app.state.admin = AdminServing(settings, manager, app.state.overrides)
     kobold_protected = settings.kobold_auth and not settings.disable_auth
-    app.state.kobold = KoboldServing(manager, protected=kobold_protected)
-    app.state.together = TogetherServing(manager)
+    app.state.kobold = KoboldServing(manager, kobold_protected, app.state.overrides)
+    app.state.together = TogetherServing(manager, app.state.overrides)
 
 
 def _add_middleware(app: FastAPI, settings: Settings) -> None:
-    app.add_middleware(
-        CORSMiddleware,
-        allow_origins=settings.cors_origins,
-        allow_methods=["*"],
-        allow_headers=["*"],
-        allow_credentials=False,
-    )
+    # Outermost last: access log, body limit, Host/Origin guard, error handlers, CORS, routes.
+    app.add_middleware(PathCORS, settings=settings)
     renderers = ErrorRenderers(
         # Together's /api/inference before Kobold's /api/: the first matching prefix wins.
         dialects=(
@@ -107,6 +107,7 @@ def _add_middleware(app: FastAPI, settings: Settings) -> None:
         default=openai_error_response,
     )
     install_error_handlers(app, renderers)
+    app.add_middleware(BrowserGuard, settings=settings, renderers=renderers)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, renderers=renderers)
     app.add_middleware(AccessLog, metrics=app.state.metrics)
 
@@ -119,7 +120,11 @@ def _serving_engine(engine: Engine, settings: Settings, metrics: Metrics) -> Eng
 
 
 async def _load(manager: ModelManager) -> None:
+    """Load the configured model; when that fails nothing can serve (the server exits)."""
     try:
         await manager.load_configured()
-    except Exception:
-        log.exception("loading the model failed; /health stays 503")
+    except LLMServeError as exc:  # a bad file or setting: its message says it all
+        manager.declare_fatal(f"cannot load the model: {exc.message}")
+    except Exception as exc:
+        log.exception("loading the model failed")
+        manager.declare_fatal(f"cannot load the model: {type(exc).__name__}: {exc}")

@@ -1,4 +1,9 @@
-"""Graceful shutdown: stop accepting, let requests finish for a grace period, then end them."""
+"""Graceful shutdown: stop accepting, let requests finish for a grace period, then end them.
+
+The same path ends a server that cannot serve at all (its model failed to load, or its engine
+died and could not be reloaded): requests in flight are answered, then the process exits with
+a non-zero status so a supervisor (systemd's Restart=on-failure) restarts it.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import contextlib
 import logging
 import signal
 from collections.abc import Iterator
+from socket import socket
 from types import FrameType
 
 import uvicorn
@@ -31,6 +37,14 @@ class GracefulServer(uvicorn.Server):
         self.grace = grace
         self._closing: asyncio.Future[None] | None = None
         self.companions: list[uvicorn.Server] = []  # servers that stop when this one does
+        self.failure: str | None = None  # why the server cannot serve; set: exit non-zero
+        models.on_fatal(self._fail)
+
+    async def serve(self, sockets: list[socket] | None = None) -> None:
+        """Serve until stopped; raise SystemExit (status 1) when stopped because of a failure."""
+        await super().serve(sockets)
+        if self.failure is not None:
+            raise SystemExit(f"llmserve: {self.failure}")
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -55,6 +69,18 @@ class GracefulServer(uvicorn.Server):
             return
         log.info("shutting down: finishing in-flight requests for up to %ss", self.grace)
         super().handle_exit(sig, frame)
+        self._drain_then_stop()
+
+    def _fail(self, reason: str) -> None:
+        """Nothing can serve: answer what is in flight, then exit non-zero."""
+        self.failure = reason
+        if self.should_exit:
+            return
+        log.error("stopping: %s", reason)
+        self.should_exit = True
+        self._drain_then_stop()
+
+    def _drain_then_stop(self) -> None:
         for companion in self.companions:
             companion.should_exit = True
         loop = asyncio.get_event_loop()

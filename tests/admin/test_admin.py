@@ -311,7 +311,9 @@ def test_inline_model_loading(home: Path) -> None:
     )
     with serve(create_app(settings)) as inline:
         body = {**HELLO, "model": "smol-b"}
-        r = post(inline, "/v1/chat/completions", body, API)
+        # Loading a model is the admin's to decide, as in TabbyAPI.
+        assert post(inline, "/v1/chat/completions", body, API).status_code == 403
+        r = post(inline, "/v1/chat/completions", body, ADMIN)
         assert r.status_code == 200, r.text
         assert r.json()["model"] == "smol-b"
         # A name that is not in the folder is still served by the loaded model.

@@ -6,7 +6,18 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from llmserve.core.errors import InvalidRequestError
 from llmserve.core.request import Delta, GenerationRequest
+
+
+class InvalidModelFileError(InvalidRequestError):
+    """The file is not a model the engine can load (400: the old model keeps serving)."""
+
+    code = "invalid_model_file"
+
+
+class InvalidEngineSettingError(InvalidRequestError, ValueError):
+    """A load setting the engine cannot use: 400 naming the setting (`param`)."""
 
 
 @dataclass(frozen=True)

@@ -10,16 +10,11 @@ from typing import Any
 from gguf import GGUFReader
 
 from llmserve.core.errors import InvalidRequestError
+from llmserve.engines.base import InvalidModelFileError
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
 F16_BYTES = 2
-
-
-class InvalidModelFileError(InvalidRequestError):
-    """The file is not a usable GGUF."""
-
-    code = "invalid_model_file"
 
 
 class InsufficientMemoryError(InvalidRequestError):

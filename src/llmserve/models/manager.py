@@ -1,4 +1,12 @@
-"""Which models are loaded, what they are called, and which one answers a request."""
+"""Which models are loaded, what they are called, and which one answers a request.
+
+Lifetimes: a request leases the model it picks (see `leases`), and a swapped-out or unloaded
+engine is closed only when its last lease is gone (at most RETIRE_WAIT_SECONDS later). Loads
+run as tasks of their own, shielded from the request that asked for them, so a client that
+disconnects mid-load still leaves the engine registered, never orphaned. A monitor notices an
+engine whose thread died, marks its model failed and reloads it from the same file; when that
+fails and nothing else can serve, the `on_fatal` callbacks run (the server then exits non-zero).
+"""
 
 from __future__ import annotations
 
@@ -6,17 +14,25 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from llmserve.config import Settings
-from llmserve.core.errors import ModelNotFoundError, ServiceUnavailableError
-from llmserve.core.templates import ChatTemplate, load_template
-from llmserve.engines.base import Engine
+from llmserve.core.continuation import render_continuation
+from llmserve.core.errors import (
+    LLMServeError,
+    ModelNotFoundError,
+    PermissionDeniedError,
+    ServiceUnavailableError,
+)
+from llmserve.core.templates import ChatTemplate, load_template, read_template_file
+from llmserve.engines.base import Engine, InvalidModelFileError
+from llmserve.models import leases
 from llmserve.models.defaults import default_model_path
-from llmserve.models.inspect import InvalidModelFileError, check_fits, inspect_gguf
+from llmserve.models.inspect import check_fits, inspect_gguf
+from llmserve.models.leases import LeaseCount
 from llmserve.models.registry import FileEntry, list_files, resolve_file
 
 if TYPE_CHECKING:
@@ -27,9 +43,12 @@ log = logging.getLogger(__name__)
 GGUF = (".gguf",)
 LOAD_WAIT_SECONDS = 60.0  # how long a request waits for a model that is loading, then 503
 RETIRE_WAIT_SECONDS = 600.0  # how long a swapped-out engine may finish its requests
+DRAIN_POLL_SECONDS = 0.05
+MONITOR_SECONDS = 0.5  # how often the monitor looks for dead engine threads
 
 ProgressCallback = Callable[[str, float], None]
 EngineWrapper = Callable[[Engine], Engine]
+FatalCallback = Callable[[str], None]
 T = TypeVar("T")
 
 
@@ -52,6 +71,16 @@ class LoadOptions:
     rope_freq_scale: float | None = None
 
 
+@dataclass(frozen=True)
+class LoadSource:
+    """Where a loaded model came from, so a dead engine can be loaded again the same way."""
+
+    path: Path
+    names: tuple[str, ...]
+    options: LoadOptions
+    template_file: Path | None = None
+
+
 @dataclass
 class LoadedModel:
     """A model that is serving: its engine, its names and its chat template."""
@@ -62,6 +91,9 @@ class LoadedModel:
     template: ChatTemplate
     gguf_template: ChatTemplate  # the model's own, restored by template unload
     created: int = field(default_factory=lambda: int(time.time()))
+    source: LoadSource | None = None  # None: registered from outside (tests), not reloadable
+    users: LeaseCount = field(default_factory=LeaseCount)  # requests holding this model
+    failed: str | None = None  # why its engine stopped, once the monitor noticed
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -74,11 +106,18 @@ class LoadedModel:
         add_generation_prompt: bool = True,
         extra: dict[str, Any] | None = None,
         tools: list[dict[str, Any]] | None = None,
+        continue_final: bool = False,
     ) -> list[int]:
-        """Render `messages` (and `tools`, if the template reads them) and tokenize the result."""
-        text = self.template.render(
-            messages, add_generation_prompt=add_generation_prompt, tools=tools, extra=extra
-        )
+        """Render `messages` (and `tools`, if the template reads them) and tokenize the result.
+
+        `continue_final`: the prompt ends inside the final message (see core/continuation).
+        """
+        if continue_final:
+            text = render_continuation(self.template, messages, tools=tools, extra=extra)
+        else:
+            text = self.template.render(
+                messages, add_generation_prompt=add_generation_prompt, tools=tools, extra=extra
+            )
         bos = self.template.bos_token
         # The template may already write BOS as text; don't let the tokenizer add a second one.
         return self.engine.tokenize(text, not (bos and text.startswith(bos)))
@@ -92,9 +131,14 @@ class ModelManager:
         self._models: dict[str, LoadedModel] = {}
         self._lock = asyncio.Lock()
         self._ready = asyncio.Event()
-        self._retiring: set[asyncio.Task[None]] = set()
+        self._retiring: dict[asyncio.Task[None], LoadedModel] = {}
+        self._loads: set[asyncio.Task[Any]] = set()
+        self._revivals: set[asyncio.Task[None]] = set()
+        self._monitor: asyncio.Task[None] | None = None
+        self._fatal_callbacks: list[FatalCallback] = []
         self.loading: str | None = None
         self.load_error: str | None = None
+        self.fatal_error: str | None = None
         self._wrap: EngineWrapper = lambda engine: engine
 
     def wrap_engines(self, wrapper: EngineWrapper) -> None:
@@ -102,6 +146,10 @@ class ModelManager:
         self._wrap = wrapper
         for model in self._models.values():
             model.engine = wrapper(model.engine)
+
+    def on_fatal(self, callback: FatalCallback) -> None:
+        """Call `callback(reason)` when no model can serve and none could be loaded."""
+        self._fatal_callbacks.append(callback)
 
     # ---- state ----
 
@@ -126,10 +174,23 @@ class ModelManager:
         """Every GGUF in the models folder (and one level of sub-folders)."""
         return list_files(self._settings.models_dir, GGUF)
 
+    def live_engines(self) -> int:
+        """Engines not yet closed: serving plus draining (tests bound this)."""
+        return len(self._models) + len(self._retiring)
+
     # ---- resolving ----
 
     def resolve(self, requested: str | None) -> LoadedModel:
-        """The model that answers a request naming `requested` (None: the default)."""
+        """The model that answers a request naming `requested` (None: the default).
+
+        Inside an HTTP request the model is leased until the response has been sent.
+        """
+        model = self._pick(requested)
+        self._notice_death(model)
+        leases.lease(model.users)
+        return model
+
+    def _pick(self, requested: str | None) -> LoadedModel:
         if not self._models:
             raise ServiceUnavailableError(self.load_error or "no model is loaded")
         if requested is None:
@@ -147,8 +208,12 @@ class ModelManager:
         """Like resolve, but waits for a load in progress and loads inline when configured."""
         if self._should_load_inline(requested):
             assert requested is not None
-            return await self.load_named(requested)
-        if not self._models and self.loading is not None:
+            if not leases.may_load_models():
+                raise PermissionDeniedError(
+                    f"loading the model `{requested}` needs the admin key", param="model"
+                )
+            await self.load_named(requested)
+        elif not self._models and self.loading is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._ready.wait(), LOAD_WAIT_SECONDS)
         return self.resolve(requested)
@@ -171,15 +236,20 @@ class ModelManager:
     # ---- loading ----
 
     async def load_configured(self) -> LoadedModel:
-        """Load the model the settings name (or the bundled default)."""
+        """Check and load the model the settings name (or the bundled default)."""
         path = Path(self._settings.model) if self._settings.model else default_model_path()
         names = self._settings.served_model_name or [path.stem]
         template_file = Path(self._settings.chat_template) if self._settings.chat_template else None
+        source = LoadSource(path, tuple(names), LoadOptions(), template_file)
+        self.loading = source.names[0]  # requests wait for the start-up model, checks included
         try:
-            return await self._load(path, names, LoadOptions(), template_file)
+            await self._check_file(source)
+            return await self._load(source)
         except Exception as exc:
             self.load_error = str(exc)
             raise
+        finally:
+            self.loading = None
 
     async def load_named(
         self,
@@ -190,51 +260,76 @@ class ModelManager:
         """Validate and load a model of the models folder, then swap it in for the current one."""
         progress = on_progress or (lambda stage, fraction: None)
         path = resolve_file(self._settings.models_dir, name, GGUF, "model")
+        source = LoadSource(path, (name,), options or LoadOptions())
         progress("validating", 0.1)
-        summary = await asyncio.to_thread(inspect_gguf, path)
-        if summary.kind != "model":
-            raise InvalidModelFileError(f"{path.name} is a {summary.kind}, not a model")
-        config = self._engine_config(path, name, options or LoadOptions())
-        ctx = config.resolve_ctx_size(summary.context_length or 4096)
-        check_fits(summary, ctx * config.resolve_parallel(ctx))
+        await self._check_file(source)
         progress("loading", 0.3)
-        model = await self._load(path, [name], options or LoadOptions(), None)
+        model = await self._load(source)
         progress("ready", 1.0)
         return model
 
-    async def _load(
-        self, path: Path, names: list[str], options: LoadOptions, template_file: Path | None
-    ) -> LoadedModel:
+    async def _check_file(self, source: LoadSource) -> None:
+        """The GGUF checks every load gets before llama.cpp sees the file."""
+        summary = await asyncio.to_thread(inspect_gguf, source.path)
+        if summary.kind != "model":
+            raise InvalidModelFileError(f"{source.path.name} is a {summary.kind}, not a model")
+        config = self._engine_config(source.path, source.names[0], source.options)
+        ctx = config.resolve_ctx_size(summary.context_length or 4096)
+        check_fits(summary, ctx * config.resolve_parallel(ctx))
+
+    async def _load(self, source: LoadSource) -> LoadedModel:
+        """Load and swap in; the load goes on (and registers) even if the caller is cancelled."""
+        return await self._shielded(self._load_locked(source))
+
+    async def _shielded(self, work: Coroutine[Any, Any, T]) -> T:
+        task = asyncio.create_task(work)
+        self._loads.add(task)
+        task.add_done_callback(self._loads.discard)
+        return await asyncio.shield(task)
+
+    async def _load_locked(self, source: LoadSource) -> LoadedModel:
+        async with self._lock:
+            engine, template = await self._start_engine(source)
+            return self._swap_in(engine, source, template)
+
+    async def _start_engine(self, source: LoadSource) -> tuple[Engine, ChatTemplate]:
+        """A running engine for `source` and its chat template (the caller holds the lock)."""
         # Imported here so the HTTP layer (and its fake-engine tests) loads without llama.cpp.
         from llmserve.engines.llamacpp.engine import LlamaCppEngine
 
-        config = self._engine_config(path, names[0], options)
-        async with self._lock:
-            self.loading = names[0]
+        config = self._engine_config(source.path, source.names[0], source.options)
+        self.loading = source.names[0]
+        try:
+            engine = await asyncio.to_thread(LlamaCppEngine.load, config)
             try:
-                engine = await asyncio.to_thread(LlamaCppEngine.load, config)
-                try:
-                    template = self._template(engine, template_file)
-                except Exception:
-                    await engine.close()
-                    raise
-                return self._swap_in(engine, names, template)
-            finally:
-                self.loading = None
+                return engine, self._template(engine, source.template_file)
+            except Exception:
+                await engine.close()
+                raise
+        finally:
+            self.loading = None
 
-    def register(self, engine: Engine, names: list[str], template: ChatTemplate) -> LoadedModel:
+    def register(
+        self,
+        engine: Engine,
+        names: list[str],
+        template: ChatTemplate,
+        source: LoadSource | None = None,
+    ) -> LoadedModel:
         """Serve an already running engine under `names` (tests use this with a fake engine)."""
-        model = LoadedModel(names[0], tuple(names[1:]), self._wrap(engine), template, template)
+        model = LoadedModel(
+            names[0], tuple(names[1:]), self._wrap(engine), template, template, source=source
+        )
         self._models[model.id] = model
         self._ready.set()
         self.load_error = None
         log.info("model %s ready: %s (template: %s)", model.id, engine.info.path, template.origin)
         return model
 
-    def _swap_in(self, engine: Engine, names: list[str], template: ChatTemplate) -> LoadedModel:
+    def _swap_in(self, engine: Engine, source: LoadSource, template: ChatTemplate) -> LoadedModel:
         previous = list(self._models.values())
         self._models.clear()
-        model = self.register(engine, names, template)
+        model = self.register(engine, list(source.names), template, source)
         for old in previous:
             self._retire(old)
         return model
@@ -251,29 +346,98 @@ class ModelManager:
 
     def _retire(self, model: LoadedModel) -> None:
         task = asyncio.create_task(self._drain_and_close(model))
-        self._retiring.add(task)
-        task.add_done_callback(self._retiring.discard)
+        self._retiring[task] = model
+        task.add_done_callback(lambda done: self._retiring.pop(done, None))
 
     @staticmethod
     async def _drain_and_close(model: LoadedModel) -> None:
-        """Let requests already on a swapped-out engine finish, then free it."""
+        """Let requests holding a swapped-out engine finish, then free it."""
         deadline = time.monotonic() + RETIRE_WAIT_SECONDS
-        while time.monotonic() < deadline:
-            stats = model.engine.stats()
-            if stats.running == 0 and stats.waiting == 0:
-                break
-            await asyncio.sleep(0.1)
+        while time.monotonic() < deadline and _in_use(model):
+            await asyncio.sleep(DRAIN_POLL_SECONDS)
         await model.engine.close()
         log.info("model %s unloaded", model.id)
 
     async def close(self) -> None:
-        """Stop every engine, including ones still draining."""
-        for model in list(self._models.values()):
-            await model.engine.close()
+        """Stop every engine, the draining ones included; their open streams end with ABORT.
+
+        The caller has already given requests their grace period (the server's shutdown
+        grace, or uvicorn's wait for open connections); what still runs is aborted through
+        each engine, so every stream gets its final event and can close properly.
+        """
+        for task in [self._monitor, *self._revivals]:
+            if task is not None:
+                task.cancel()
+        # A load cannot be cancelled halfway (its thread runs on): let it finish and register.
+        await asyncio.gather(*self._loads, return_exceptions=True)
+        models = [*self._models.values(), *self._retiring.values()]
         self._models.clear()
-        for task in list(self._retiring):
+        self._ready.clear()
+        await asyncio.gather(*(m.engine.close() for m in models), return_exceptions=True)
+        # Their engines are closed: the drains have nothing left to wait for.
+        for task in self._retiring:
             task.cancel()
         await asyncio.gather(*self._retiring, return_exceptions=True)
+
+    # ---- dead engines ----
+
+    def start_monitor(self) -> None:
+        """Watch the engines from now on: a dead one is reloaded, see the module docstring."""
+        if self._monitor is None:
+            self._monitor = asyncio.create_task(self._watch())
+
+    async def _watch(self) -> None:
+        while True:
+            for model in list(self._models.values()):
+                self._notice_death(model)
+            await asyncio.sleep(MONITOR_SECONDS)
+
+    def _notice_death(self, model: LoadedModel) -> None:
+        """Mark a model whose engine died as failed and reload it in the background (once)."""
+        if model.failed is not None:
+            return
+        stats = model.engine.stats()
+        if stats.alive:
+            return
+        model.failed = stats.error or "the engine stopped"
+        log.error("the engine of %s stopped (%s); reloading it", model.id, model.failed)
+        task = asyncio.create_task(self._revive(model))
+        self._revivals.add(task)
+        task.add_done_callback(self._revivals.discard)
+
+    async def _revive(self, model: LoadedModel) -> None:
+        try:
+            if model.source is None:
+                raise ServiceUnavailableError(f"{model.id} was not loaded from a file")
+            await self._check_file(model.source)  # the file may have changed since
+            await self._shielded(self._reload_locked(model, model.source))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            reason = exc.message if isinstance(exc, LLMServeError) else str(exc)
+            log.error("reloading %s failed: %s", model.id, reason)
+            if not any(m.failed is None for m in self._models.values()):
+                self.declare_fatal(
+                    f"the engine of {model.id} died and reloading it failed: {reason}"
+                )
+
+    async def _reload_locked(self, model: LoadedModel, source: LoadSource) -> None:
+        async with self._lock:
+            if self._models.get(model.id) is not model:
+                return  # swapped out or unloaded meanwhile: nothing to revive
+            engine, _ = await self._start_engine(source)
+            revived = self._swap_in(engine, source, model.gguf_template)
+            revived.template = model.template  # keep a template the admin switched to
+            log.info("model %s reloaded after its engine died", model.id)
+
+    def declare_fatal(self, reason: str) -> None:
+        """Nothing can serve: tell the server (which answers what runs, then exits non-zero)."""
+        if self.fatal_error is not None:
+            return
+        self.fatal_error = reason
+        log.critical("cannot serve: %s", reason)
+        for callback in self._fatal_callbacks:
+            callback(reason)
 
     # ---- templates ----
 
@@ -290,6 +454,7 @@ class ModelManager:
     # ---- helpers ----
 
     def _engine_config(self, path: Path, model_id: str, options: LoadOptions) -> LlamaCppConfig:
+        """The engine settings: the configured ones, overridden by the load's options."""
         from llmserve.engines.llamacpp.engine import LlamaCppConfig
 
         s = self._settings
@@ -317,8 +482,16 @@ class ModelManager:
     def _template(engine: Engine, template_file: Path | None) -> ChatTemplate:
         info = engine.info
         if template_file is not None:
-            source = template_file.read_text(encoding="utf-8")
+            source = read_template_file(template_file)
             return load_template(
                 source, f"file:{template_file.name}", info.bos_token, info.eos_token
             )
         return load_template(info.chat_template, "gguf", info.bos_token, info.eos_token)
+
+
+def _in_use(model: LoadedModel) -> bool:
+    """A request still holds the model, or its engine still runs or queues something."""
+    if model.users.count:
+        return True
+    stats = model.engine.stats()
+    return stats.alive and (stats.running > 0 or stats.waiting > 0)

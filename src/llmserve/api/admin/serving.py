@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from pydantic import ValidationError
 
 from llmserve.api.admin.protocol import (
     DetokenizeRequest,
@@ -34,6 +35,7 @@ from llmserve.api.openai.protocol import ChatMessage
 from llmserve.api.overrides import OverrideValue, SamplingOverrides
 from llmserve.config import Settings
 from llmserve.core.errors import InvalidRequestError, LLMServeError
+from llmserve.core.templates import read_template_file
 from llmserve.engines.base import AdapterSpec
 from llmserve.models.manager import LoadedModel, LoadOptions, ModelManager
 from llmserve.models.registry import list_files, resolve_file
@@ -160,7 +162,7 @@ class AdminServing:
             path = resolve_file(
                 self.settings.sampler_overrides_dir, body.preset, PRESET_SUFFIXES, "preset"
             )
-            self.overrides.set(body.preset, _read_preset(path))
+            self.overrides.set(body.preset, _read_preset(body.preset, path))
         elif body.overrides is not None:
             self.overrides.set(None, body.overrides)
         else:
@@ -182,7 +184,7 @@ class AdminServing:
     def switch_template(self, name: str) -> StatusResponse:
         """Render chats with a template from the folder."""
         path = resolve_file(self.settings.templates_dir, name, TEMPLATE_SUFFIXES, "template")
-        self.models.set_template(path.read_text(encoding="utf-8"), f"file:{path.name}")
+        self.models.set_template(read_template_file(path), f"file:{path.name}")
         return StatusResponse(status="switched", detail=name)
 
     def unload_template(self) -> StatusResponse:
@@ -288,14 +290,35 @@ async def _progress_events(
     yield "[DONE]"
 
 
-def _read_preset(path: Path) -> dict[str, OverrideValue]:
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    if not isinstance(data, dict):
-        raise InvalidRequestError("a preset file maps sampler names to values", param="preset")
-    return {
-        name: OverrideValue.model_validate(v if isinstance(v, dict) else {"override": v})
-        for name, v in data.items()
-    }
+def _read_preset(name: str, path: Path) -> dict[str, OverrideValue]:
+    """A preset file's entries; a file that is not a valid preset is a 400 naming it."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise InvalidRequestError(
+            f"preset {name!r} is not valid YAML: {exc}", param="preset"
+        ) from None
+    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+        raise InvalidRequestError(
+            f"preset {name!r} must map sampler names to values", param="preset"
+        )
+    return {field: _preset_entry(name, field, value) for field, value in data.items()}
+
+
+def _preset_entry(preset: str, field: str, value: object) -> OverrideValue:
+    # `{override: V, force: B}` is an entry; any other value (a dict too) is a plain default.
+    is_entry = isinstance(value, dict) and bool(value) and set(value) <= {"override", "force"}
+    try:
+        return OverrideValue.model_validate(value if is_entry else {"override": value})
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        raise InvalidRequestError(
+            f"preset {preset!r}, field {field!r}: {problems} "
+            "(an entry is `{override: VALUE, force: true|false}` or a plain value)",
+            param="preset",
+        ) from None
 
 
 def _chat_ids(

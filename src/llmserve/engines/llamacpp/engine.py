@@ -16,7 +16,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 
@@ -29,7 +29,7 @@ from llmserve.core.errors import (
     ServiceUnavailableError,
 )
 from llmserve.core.request import Delta, GenerationRequest
-from llmserve.engines.base import AdapterSpec, EngineStats, ModelInfo
+from llmserve.engines.base import AdapterSpec, EngineStats, InvalidEngineSettingError, ModelInfo
 from llmserve.engines.llamacpp.adapters import AdapterFile, check_adapters
 from llmserve.engines.llamacpp.batch import TokenBatch
 from llmserve.engines.llamacpp.model import KV_CACHE_TYPES, ContextSettings, LlamaModel
@@ -80,23 +80,30 @@ class LlamaCppConfig:
         }
         for name, value in positive.items():
             if value is not None and value < 1:
-                raise ValueError(f"{name} must be at least 1, got {value}")
+                raise InvalidEngineSettingError(
+                    f"{name} must be at least 1, got {value}", param=name
+                )
         if self.max_queue is not None and self.max_queue < 0:
-            raise ValueError(f"max_queue must not be negative, got {self.max_queue}")
+            raise InvalidEngineSettingError(
+                f"max_queue must not be negative, got {self.max_queue}", param="max_queue"
+            )
         for name, cache_type in (
             ("cache_type_k", self.cache_type_k),
             ("cache_type_v", self.cache_type_v),
         ):
             if cache_type is not None and cache_type not in KV_CACHE_TYPES:
-                raise ValueError(
-                    f"{name} must be one of {sorted(KV_CACHE_TYPES)}, got {cache_type!r}"
+                raise InvalidEngineSettingError(
+                    f"{name} must be one of {sorted(KV_CACHE_TYPES)}, got {cache_type!r}",
+                    param=name,
                 )
         for name, rope in (
             ("rope_freq_base", self.rope_freq_base),
             ("rope_freq_scale", self.rope_freq_scale),
         ):
             if rope is not None and not (math.isfinite(rope) and rope >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {rope}")
+                raise InvalidEngineSettingError(
+                    f"{name} must be a finite number >= 0, got {rope}", param=name
+                )
 
     def resolve_ctx_size(self, n_ctx_train: int) -> int:
         """Per-sequence context: the configured one, else the model's capped at 4096."""
@@ -128,6 +135,43 @@ def _settle_future(future: asyncio.Future[None], error: Exception | None) -> Non
         future.set_exception(error)
 
 
+class ModelUse:
+    """Counts calls into llama.cpp made outside the engine thread, so freeing waits for them.
+
+    Tokenizing and grammar checks run on the event loop or in worker threads while the engine
+    thread may be shutting down; it frees the model only after `close` has seen every such
+    call end, and calls that come later raise ServiceUnavailableError instead of touching
+    freed memory.
+    """
+
+    def __init__(self, model_id: str) -> None:
+        self._model_id = model_id
+        self._cond = threading.Condition()
+        self._users = 0
+        self._closed = False
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        """Hold the model for the duration of the block."""
+        with self._cond:
+            if self._closed:
+                raise ServiceUnavailableError(f"the engine for {self._model_id} has stopped")
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._users -= 1
+                self._cond.notify_all()
+
+    def close(self) -> None:
+        """Refuse new calls and wait for the running ones to end."""
+        with self._cond:
+            self._closed = True
+            while self._users:
+                self._cond.wait()
+
+
 class LlamaCppEngine:
     """The default engine: llama.cpp through its low-level API, with our own scheduler."""
 
@@ -139,6 +183,7 @@ class LlamaCppEngine:
         self.info = info
         self.parallel = len(runner.scheduler.slots)
         self._model = model
+        self._use = ModelUse(config.model_id)
         self._adapter_target = model.adapter_target()
         self._runner = runner
         self._cond = threading.Condition()
@@ -190,7 +235,13 @@ class LlamaCppEngine:
     def tokenize(self, text: str, add_special: bool) -> list[int]:
         """Text to token ids; special-token text (e.g. `<|im_end|>`) is parsed as such."""
         self._ensure_running()
-        return self._model.tokenize(text, add_special)
+        with self._use():
+            try:
+                return self._model.tokenize(text, add_special)
+            except UnicodeEncodeError as exc:  # lone surrogates such as "\ud800"
+                raise InvalidRequestError(
+                    f"the text is not valid Unicode: {exc.reason} at position {exc.start}"
+                ) from None
 
     def detokenize(self, ids: list[int]) -> str:
         """Token ids back to text (special tokens rendered)."""
@@ -198,7 +249,8 @@ class LlamaCppEngine:
         bad = [t for t in ids if not 0 <= t < self.info.vocab_size]
         if bad:
             raise InvalidRequestError(f"token ids out of vocabulary: {bad[:5]}", param="tokens")
-        return self._model.detokenize(ids)
+        with self._use():
+            return self._model.detokenize(ids)
 
     def abort(self, request_id: str) -> None:
         """Stop a request at the next step; its stream ends with FinishReason.ABORT."""
@@ -274,8 +326,6 @@ class LlamaCppEngine:
         ):
             if value is not None and value < 0:
                 raise InvalidRequestError(f"{name} must not be negative", param=name)
-        if params.grammar is not None:
-            check_grammar(self._model.vocab, params.grammar)
         return self._check_context(len(prompt), params.max_tokens)
 
     def _check_token_ids(self, ids: list[int] | tuple[int, ...], param: str) -> None:
@@ -287,27 +337,41 @@ class LlamaCppEngine:
             )
 
     def _check_context(self, prompt_tokens: int, max_tokens: int | None) -> int:
+        """How many tokens the request may generate; the prompt and the limit must fit.
+
+        A prompt that fills the context by itself is the prompt's fault (`param="prompt"`),
+        whatever `max_tokens` says; a prompt that fits but leaves less room than `max_tokens`
+        asks for is the limit's (`param="max_tokens"`). Dialects rename both to their fields.
+        """
         ctx_size = self.info.context_length
+        if prompt_tokens >= ctx_size:
+            raise ContextLengthExceededError(
+                f"This model's maximum context length is {ctx_size} tokens, but the prompt "
+                f"alone has {prompt_tokens} tokens, leaving no room for the completion.",
+                param="prompt",
+            )
         if max_tokens is None:
-            if prompt_tokens >= ctx_size:
-                raise ContextLengthExceededError(
-                    f"This model's maximum context length is {ctx_size} tokens, but the prompt "
-                    f"has {prompt_tokens} tokens, leaving no room for the completion.",
-                    param="prompt",
-                )
             return ctx_size - prompt_tokens
         if prompt_tokens + max_tokens > ctx_size:
             raise ContextLengthExceededError(
                 f"This model's maximum context length is {ctx_size} tokens, but "
                 f"{prompt_tokens + max_tokens} were requested ({prompt_tokens} in the prompt "
-                f"+ {max_tokens} to generate).",
+                f"+ {max_tokens} to generate); at most {ctx_size - prompt_tokens} can be "
+                "generated after this prompt.",
                 param="max_tokens",
             )
         return max_tokens
 
     # -- the asyncio bridge ----------------------------------------------------------------
 
+    def _check_grammar(self, grammar: str) -> None:
+        """Let llama.cpp parse the grammar (a worker thread: large grammars take time)."""
+        with self._use():
+            check_grammar(self._model.vocab, grammar)
+
     async def _stream(self, req: GenerationRequest, max_new_tokens: int) -> AsyncIterator[Delta]:
+        if req.params.grammar is not None:  # before any delta, so a bad grammar is still a 400
+            await asyncio.to_thread(self._check_grammar, req.params.grammar)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Delta | Exception] = asyncio.Queue()
         group: RequestGroup | None = None
@@ -449,6 +513,7 @@ class LlamaCppEngine:
             self._runner.abort(group)
         self._publish()
         self._runner.flush_outbox()
+        self._use.close()
         self._runner.free()
 
     def _die(self, error: BaseException) -> None:
@@ -463,6 +528,7 @@ class LlamaCppEngine:
         for group in pending:
             group.deliver(ServiceUnavailableError(f"the engine stopped: {self._error}"))
         try:
+            self._use.close()
             self._runner.free()
         except Exception:  # the state that killed the loop may also break freeing
             logger.exception("freeing llama.cpp resources after the crash failed")

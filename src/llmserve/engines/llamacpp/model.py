@@ -12,7 +12,7 @@ import llama_cpp
 import numpy as np
 
 from llmserve.core.errors import EngineError
-from llmserve.engines.base import ModelInfo
+from llmserve.engines.base import InvalidEngineSettingError, InvalidModelFileError, ModelInfo
 from llmserve.engines.llamacpp.adapters import AdapterTarget, LoraAdapters
 from llmserve.engines.llamacpp.sampling import FloatRow
 
@@ -110,7 +110,11 @@ class LlamaModel:
         params.use_extra_bufts = cpu_repack
         model = llama_cpp.llama_model_load_from_file(str(file).encode(), params)
         if not model:
-            raise EngineError(f"llama.cpp could not load {path}")
+            # The file passed the GGUF checks, so what llama.cpp refuses is its content
+            # (no model, unknown architecture, bad tensors): the caller's file, a 400.
+            raise InvalidModelFileError(
+                f"llama.cpp could not load {file.name} (see the server log for its reason)"
+            )
         return cls(file, model)
 
     def create_context(self, settings: ContextSettings) -> None:
@@ -140,7 +144,7 @@ class LlamaModel:
         params.no_perf = True
         ctx = llama_cpp.llama_init_from_model(self.model, params)
         if not ctx:
-            raise EngineError(f"llama.cpp could not create a context of {settings.n_ctx} tokens")
+            raise _context_error(settings)
         self.ctx = ctx
         self.memory = llama_cpp.llama_get_memory(ctx)
         self.kv_unified = settings.kv_unified
@@ -289,6 +293,20 @@ class LlamaModel:
         if self.model is not None:
             llama_cpp.llama_model_free(self.model)
             self.model = None
+
+
+def _context_error(settings: ContextSettings) -> Exception:
+    """Why llama.cpp refused the context: a KV cache type it cannot combine, or no memory."""
+    message = f"llama.cpp could not create a context of {settings.n_ctx} tokens"
+    # Quantized caches need kernels (flash attention for V) the backend may not have.
+    for name in ("cache_type_v", "cache_type_k"):
+        value = getattr(settings, name)
+        if value is not None:
+            return InvalidEngineSettingError(
+                f"{message} with {name}={value!r}; try another cache type or flash_attn",
+                param=name,
+            )
+    return EngineError(message)
 
 
 def _token_or_none(token: int) -> int | None:
