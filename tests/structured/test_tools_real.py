@@ -110,7 +110,7 @@ def test_stream_chunks_have_openai_shape(real_server: RunningServer) -> None:
             if line.startswith("data: ") and line != "data: [DONE]":
                 chunks.append(json.loads(line[6:]))
     deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
-    assert deltas[0] == {"role": "assistant"}
+    assert deltas[0] == {"role": "assistant", "content": ""}  # as without tools
     calls = [entry for d in deltas for entry in d.get("tool_calls", [])]
     assert calls[0]["index"] == 0 and calls[0]["type"] == "function"
     assert calls[0]["id"].startswith("call_") and calls[0]["function"]["name"] == "get_weather"

@@ -3,15 +3,12 @@ responses in KoboldCpp's shapes."""
 
 from __future__ import annotations
 
-import logging
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from llmserve.api.sampling import SamplerFields
+from llmserve.api.sampling import SamplerFields, aliased
 from llmserve.core.errors import UnsupportedSamplerError
-
-log = logging.getLogger(__name__)
 
 DEFAULT_MAX_LENGTH = 180  # KoboldCpp's default `max_length`
 DEFAULT_REP_PEN_RANGE = 320  # KoboldCpp's default `rep_pen_range`
@@ -23,39 +20,63 @@ KOBOLDCPP_VERSION = "1.61"
 FinishReason = Literal["stop", "length"]
 
 
-class KoboldGenerateRequest(BaseModel):
-    """Body of POST /api/v1/generate and /api/extra/generate/stream; null means default."""
+class KoboldGenerateRequest(SamplerFields):
+    """Body of POST /api/v1/generate and /api/extra/generate/stream; null means default.
+
+    The sampler fields are the shared ones under Kobold's names (aliases of the base:
+    `max_length` is `max_tokens`, `rep_pen` is `repetition_penalty`, `rep_pen_range` is
+    `penalty_range`, `sampler_seed` is `seed`, `stop_sequence` is `stop`, `typical` is
+    `typical_p`, `mirostat` is `mirostat_mode`, `bypass_eos` is `ignore_eos`); the validators
+    below translate Kobold's meanings of their special values into the base's.
+    """
 
     # Clients send many UI-only fields (s1..s7, quiet, gui_settings, n, ...): accepted, ignored.
     model_config = ConfigDict(extra="allow")
 
+    DEFAULT_MAX_TOKENS: ClassVar[int | None] = DEFAULT_MAX_LENGTH
+    DEFAULT_PENALTY_RANGE: ClassVar[int] = DEFAULT_REP_PEN_RANGE
+
     prompt: str
     memory: str | None = Field(None, description="Prepended to the prompt, never truncated.")
-    max_length: int | None = Field(None, ge=1)
     max_context_length: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0)
-    top_p: float | None = Field(None, ge=0, le=1)
-    top_k: int | None = Field(None, ge=0, description="0 disables top-k.")
-    top_a: float | None = Field(None, ge=0)
-    typical: float | None = Field(None, ge=0, le=1, description="0 or 1 disables it.")
-    tfs: float | None = Field(None, ge=0, le=1)
-    min_p: float | None = Field(None, ge=0, le=1)
-    rep_pen: float | None = Field(None, gt=0)
-    rep_pen_range: int | None = Field(None, ge=-1, description="0 or -1: the whole context.")
+    # The shared fields again with Kobold's name first: it wins, and the schema shows it.
+    max_tokens: int | None = Field(None, ge=1, validation_alias=aliased("max_length", "max_tokens"))
+    repetition_penalty: float | None = Field(
+        None, gt=0, validation_alias=aliased("rep_pen", "repetition_penalty")
+    )
+    mirostat_mode: int | None = Field(
+        None, ge=0, le=2, validation_alias=aliased("mirostat", "mirostat_mode")
+    )
+    ignore_eos: bool | None = Field(None, validation_alias=aliased("bypass_eos", "ignore_eos"))
+    typical_p: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="0 or 1 disables it.",
+        validation_alias=aliased("typical", "typical_p"),
+    )
+    penalty_range: int | None = Field(
+        None,
+        ge=-1,
+        description="0 or -1: the whole context.",
+        validation_alias=aliased("rep_pen_range", "penalty_range", "repetition_penalty_range"),
+    )
+    seed: int | None = Field(
+        None,
+        ge=-1,
+        description="-1: a random seed.",
+        validation_alias=aliased("sampler_seed", "seed"),
+    )
+    stop: str | list[str | None] | None = Field(
+        None, validation_alias=aliased("stop_sequence", "stop")
+    )
     rep_pen_slope: float | None = None
     sampler_order: list[int] | None = None
-    sampler_seed: int | None = Field(None, ge=-1, description="-1: a random seed.")
-    stop_sequence: list[str | None] | None = None
     trim_stop: bool | None = True
     singleline: bool | None = False
     use_default_badwordsids: bool | None = False
-    bypass_eos: bool | None = False
-    banned_tokens: list[str | Annotated[int, Field(ge=0)]] | None = None
-    logit_bias: dict[str, float] | None = None
+    banned_tokens: list[str | Annotated[int, Field(ge=0)]] | None = None  # type: ignore[assignment]
     grammar: str | None = None
-    mirostat: int | None = Field(None, ge=0, le=2)
-    mirostat_tau: float | None = Field(None, ge=0)
-    mirostat_eta: float | None = Field(None, ge=0)
     dynatemp_range: float | None = Field(None, ge=0)
     dynatemp_exponent: float | None = None
     genkey: str | None = None
@@ -65,58 +86,44 @@ class KoboldGenerateRequest(BaseModel):
     use_authors_note: bool | None = None
     use_world_info: bool | None = None
 
-    def log_unknown_fields(self) -> None:
-        """Note ignored client extras at debug level."""
-        if self.model_extra:
-            log.debug("kobold generate: ignoring fields %s", sorted(self.model_extra))
+    @field_validator("typical_p")
+    @classmethod
+    def _typical_zero_is_off(cls, value: float | None) -> float | None:
+        return None if value == 0 else value
 
-    def output_limit(self) -> int:
-        """Tokens to generate."""
-        return self.max_length or DEFAULT_MAX_LENGTH
+    @field_validator("penalty_range")
+    @classmethod
+    def _range_zero_is_whole_context(cls, value: int | None) -> int | None:
+        return -1 if value == 0 else value
 
-    def stops(self) -> list[str]:
+    @field_validator("seed")
+    @classmethod
+    def _seed_minus_one_is_random(cls, value: int | None) -> int | None:
+        return None if value == -1 else value
+
+    @field_validator("stop")
+    @classmethod
+    def _drop_empty_stops(cls, value: str | list[str | None] | None) -> list[str] | None:
+        items = [value] if isinstance(value, str) else value or []
+        return [s for s in items if s] or None
+
+    @model_validator(mode="after")
+    def _badwords_ban_eos(self) -> KoboldGenerateRequest:
+        # KoboldCpp: use_default_badwordsids bans EOS, as bypass_eos (ignore_eos) does.
+        if self.use_default_badwordsids:
+            self.ignore_eos = True
+        return self
+
+    def stop_strings(self) -> tuple[str, ...]:
         """Stop strings: `stop_sequence` plus a newline for `singleline`."""
-        stops = [s for s in self.stop_sequence or () if s]
-        if self.singleline:
-            stops.append("\n")
-        return stops
+        stops = super().stop_strings()
+        return (*stops, "\n") if self.singleline else stops
 
-    def sampler_fields(self, context_length: int, banned_ids: list[int]) -> SamplerFields:
-        """The same request in the shared sampler vocabulary (whose checks then apply)."""
-        self._reject_unsupported()
-        return SamplerFields.model_validate(
-            {
-                "temperature": self.temperature,
-                "top_p": self.top_p,
-                "top_k": self.top_k,
-                "min_p": self.min_p,
-                "typical_p": self.typical if self.typical else None,
-                "repetition_penalty": self.rep_pen,
-                "penalty_range": self._penalty_range(context_length),
-                "seed": None if self.sampler_seed in (None, -1) else self.sampler_seed,
-                "stop": self.stops(),
-                # KoboldCpp: use_default_badwordsids bans EOS; bypass_eos keeps generating past it.
-                "ignore_eos": bool(self.bypass_eos or self.use_default_badwordsids),
-                "logit_bias": self.logit_bias,
-                "banned_tokens": banned_ids,
-                "mirostat_mode": self.mirostat,
-                "mirostat_tau": self.mirostat_tau,
-                "mirostat_eta": self.mirostat_eta,
-                "top_a": self.top_a,
-                "tfs": self.tfs,
-            }
-        )
-
-    def _penalty_range(self, context_length: int) -> int:
-        if self.rep_pen_range is None:
-            return DEFAULT_REP_PEN_RANGE
-        # Kobold clients say 0 (or -1) for "the whole context"; say so in tokens.
-        return context_length if self.rep_pen_range <= 0 else self.rep_pen_range
-
-    def _reject_unsupported(self) -> None:
+    def reject_unsupported(self) -> None:
+        """400 for Kobold samplers llama.cpp lacks, at values that would change the output."""
         slope = self.rep_pen_slope
         # KoboldCpp reads a slope outside (0, 1) as "no slope", and a slope only scales a penalty.
-        penalized = self.rep_pen is not None and self.rep_pen > 1.0
+        penalized = self.repetition_penalty is not None and self.repetition_penalty > 1.0
         if slope is not None and 0.0 < slope < 1.0 and penalized:
             raise UnsupportedSamplerError(
                 "sampler `rep_pen_slope` is not supported by the llama.cpp engine; "

@@ -3,6 +3,8 @@ KoboldCpp adds them."""
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
@@ -21,12 +23,24 @@ from llmserve.api.kobold.protocol import (
     TokenCountResponse,
 )
 from llmserve.api.kobold.serving import KoboldServing
-from llmserve.auth import require_api
+from llmserve.auth import KeyStore, Permission, presented_keys, require_api
 
 
 def _serving(request: Request) -> KoboldServing:
     serving: KoboldServing = request.app.state.kobold
     return serving
+
+
+def _caller_key(request: Request) -> str | None:
+    """The API key the caller presented that grants access (it scopes the caller's genkeys)."""
+    store: KeyStore = request.app.state.keys
+    for key in presented_keys(request):
+        if store.permission([key]) >= Permission.API:
+            return key
+    return None
+
+
+CallerKey = Annotated[str | None, Depends(_caller_key)]
 
 
 def build_router(require_key: bool) -> APIRouter:
@@ -51,23 +65,31 @@ def build_router(require_key: bool) -> APIRouter:
 
 
 def _add_generation_routes(router: APIRouter) -> None:
-    async def generate(body: KoboldGenerateRequest, request: Request) -> KoboldGenerateResponse:
-        return await unless_disconnected(request, _serving(request).generate(body))
+    async def generate(
+        body: KoboldGenerateRequest, request: Request, key: CallerKey
+    ) -> KoboldGenerateResponse:
+        return await unless_disconnected(request, _serving(request).generate(body, key))
 
-    async def generate_stream(body: KoboldGenerateRequest, request: Request) -> Response:
-        events = await unless_disconnected(request, _serving(request).stream(body))
+    async def generate_stream(
+        body: KoboldGenerateRequest, request: Request, key: CallerKey
+    ) -> Response:
+        events = await unless_disconnected(request, _serving(request).stream(body, key))
         return sse_response(events)
 
-    async def check_get(request: Request, genkey: str | None = None) -> KoboldCheckResponse:
-        return _serving(request).check(genkey)
+    async def check_get(
+        request: Request, key: CallerKey, genkey: str | None = None
+    ) -> KoboldCheckResponse:
+        return _serving(request).check(genkey, key)
 
     async def check_post(
-        request: Request, body: GenkeyRequest | None = None
+        request: Request, key: CallerKey, body: GenkeyRequest | None = None
     ) -> KoboldCheckResponse:
-        return _serving(request).check(body.genkey if body else None)
+        return _serving(request).check(body.genkey if body else None, key)
 
-    async def abort(request: Request, body: GenkeyRequest | None = None) -> AbortResponse:
-        return _serving(request).abort(body.genkey if body else None)
+    async def abort(
+        request: Request, key: CallerKey, body: GenkeyRequest | None = None
+    ) -> AbortResponse:
+        return _serving(request).abort(body.genkey if body else None, key)
 
     for prefix in ("/api/v1", "/api/latest"):
         router.add_api_route(

@@ -3,12 +3,22 @@
 Generations started with a `genkey` are tracked while they run, so `/api/extra/generate/check`
 can show their text so far and `/api/extra/abort` can stop exactly that one, however many others
 are in flight.
+
+Genkeys are chosen by clients (SillyTavern sends `KCPP` + 4 digits) and so are guessable: each
+is scoped by the caller's API key, so one user's genkey is invisible to another and two users
+may pick the same one. The scope is an HMAC of the presented key under a secret made at start;
+the key itself is never kept. With Kobold auth off (`kobold_auth: false`, SillyTavern's usual
+setup, or auth disabled) callers have no key to tell them apart: genkeys are then one scope
+shared by everyone, as in KoboldCpp.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
+import hmac
+import secrets
 import time
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -40,6 +50,8 @@ from llmserve.api.kobold.protocol import (
     TokenCountResponse,
 )
 from llmserve.api.openai.protocol import new_id
+from llmserve.api.overrides import SamplingOverrides
+from llmserve.api.sampling import dialect_params
 from llmserve.core.constraints import gbnf_grammar
 from llmserve.core.errors import (
     ContextLengthExceededError,
@@ -53,6 +65,9 @@ from llmserve.core.request import FinishReason as EngineFinish
 from llmserve.core.streams import IndexedDelta, open_streams
 from llmserve.engines.base import Engine
 from llmserve.models.manager import LoadedModel, ModelManager
+
+# Engine field names in errors, as Kobold requests spell them.
+KOBOLD_PARAMS = {"max_tokens": "max_length", "banned_token_ids": "banned_tokens"}
 
 ERROR_TYPES = {
     401: "unauthorized",
@@ -82,12 +97,21 @@ def kobold_error_response(exc: LLMServeError) -> JSONResponse:
     )
 
 
+@dataclass(frozen=True)
+class GenkeyRef:
+    """A genkey within its caller's scope (None: the one scope of an open Kobold API)."""
+
+    scope: str | None
+    genkey: str
+
+
 @dataclass
 class Generation:
-    """A generation in flight: its engine request and the text it has produced so far."""
+    """A generation in flight: its engine request, its genkey and the text produced so far."""
 
     request_id: str
     engine: Engine
+    genkey: GenkeyRef | None = None
     text: list[str] = field(default_factory=list)
 
 
@@ -105,10 +129,12 @@ class LastRun:
 class KoboldServing:
     """Serves the KoboldAI dialect over the model manager; owns the genkey registry."""
 
-    def __init__(self, models: ModelManager, protected: bool):
+    def __init__(self, models: ModelManager, protected: bool, overrides: SamplingOverrides):
         self.models = models
         self.protected = protected
-        self.generations: dict[str, Generation] = {}
+        self.overrides = overrides
+        self.generations: dict[GenkeyRef, Generation] = {}
+        self._scope_secret = secrets.token_bytes(32)
         self.last = LastRun()
         self.total_gens = 0
         self.started = time.monotonic()
@@ -116,65 +142,88 @@ class KoboldServing:
 
     # ---- generation ----
 
-    async def generate(self, body: KoboldGenerateRequest) -> KoboldGenerateResponse:
-        """POST /api/v1/generate."""
-        run = await self._start(body)
+    async def generate(
+        self, body: KoboldGenerateRequest, caller_key: str | None = None
+    ) -> KoboldGenerateResponse:
+        """POST /api/v1/generate (`caller_key`: the API key presented, scoping the genkey)."""
+        run = await self._start(body, caller_key)
         return KoboldGenerateResponse(results=[await run.collect()])
 
-    async def stream(self, body: KoboldGenerateRequest) -> AsyncIterator[ServerSentEvent]:
+    async def stream(
+        self, body: KoboldGenerateRequest, caller_key: str | None = None
+    ) -> AsyncIterator[ServerSentEvent]:
         """POST /api/extra/generate/stream: SSE events (errors before the first one raise)."""
-        run = await self._start(body)
+        run = await self._start(body, caller_key)
         return run.events()
 
-    async def _start(self, body: KoboldGenerateRequest) -> KoboldRun:
-        body.log_unknown_fields()
+    async def _start(self, body: KoboldGenerateRequest, caller_key: str | None) -> KoboldRun:
+        body.log_unknown_fields("kobold generate")
+        body = self.overrides.apply(body)
         self.last_request = time.monotonic()
         model = self.models.resolve(None)
         prompt_ids, params = await asyncio.to_thread(_prepare, model, body)
-        generation = Generation(new_id("kai"), model.engine)
-        self._register(body.genkey, generation)
+        generation = Generation(new_id("kai"), model.engine, self._ref(caller_key, body.genkey))
+        self._register(generation)
         started = time.monotonic()
         try:
             request = GenerationRequest(generation.request_id, prompt_ids, params)
-            deltas = await open_streams([model.engine.generate(request)])
+            with dialect_params(KOBOLD_PARAMS):
+                deltas = await open_streams([model.engine.generate(request)])
         except BaseException:
-            self._unregister(body.genkey, generation)
+            self._unregister(generation)
             raise
         run = KoboldRun(self, body, generation, deltas, started)
         # A stream whose client left before its first byte is never iterated, so its own
         # cleanup never runs; forgetting the genkey when the run is collected covers that.
-        weakref.finalize(run, self._unregister, body.genkey, generation)
+        weakref.finalize(run, self._unregister, generation)
         return run
 
-    def _register(self, genkey: str | None, generation: Generation) -> None:
-        if not genkey:
-            return
-        if genkey in self.generations:
-            raise InvalidRequestError(f"genkey {genkey!r} is already generating", param="genkey")
-        self.generations[genkey] = generation
+    def _scope(self, caller_key: str | None) -> str | None:
+        """The caller's genkey scope: an HMAC of its key, or None when Kobold is open."""
+        if not self.protected or not caller_key:
+            return None
+        return hmac.new(self._scope_secret, caller_key.encode(), hashlib.sha256).hexdigest()
 
-    def _unregister(self, genkey: str | None, generation: Generation) -> None:
-        if genkey and self.generations.get(genkey) is generation:
-            del self.generations[genkey]
+    def _ref(self, caller_key: str | None, genkey: str | None) -> GenkeyRef | None:
+        return GenkeyRef(self._scope(caller_key), genkey) if genkey else None
+
+    def _register(self, generation: Generation) -> None:
+        ref = generation.genkey
+        if ref is None:
+            return
+        if ref in self.generations:
+            raise InvalidRequestError(
+                f"genkey {ref.genkey!r} is already generating", param="genkey"
+            )
+        self.generations[ref] = generation
+
+    def _unregister(self, generation: Generation) -> None:
+        ref = generation.genkey
+        if ref is not None and self.generations.get(ref) is generation:
+            del self.generations[ref]
 
     def finished(self, run: KoboldRun) -> None:
         """Forget a finished generation's genkey and remember its numbers for /perf."""
-        self._unregister(run.body.genkey, run.generation)
+        self._unregister(run.generation)
         self.total_gens += 1
         self.last = run.summary()
         self.last_request = time.monotonic()
 
     # ---- genkey ----
 
-    def check(self, genkey: str | None) -> KoboldCheckResponse:
-        """/api/extra/generate/check: the text a running generation has produced so far."""
-        generation = self.generations.get(genkey or "")
+    def _running(self, genkey: str | None, caller_key: str | None) -> Generation | None:
+        ref = self._ref(caller_key, genkey)
+        return self.generations.get(ref) if ref is not None else None
+
+    def check(self, genkey: str | None, caller_key: str | None = None) -> KoboldCheckResponse:
+        """/api/extra/generate/check: the text the caller's generation has produced so far."""
+        generation = self._running(genkey, caller_key)
         text = "".join(generation.text) if generation else ""
         return KoboldCheckResponse(results=[KoboldText(text=text)])
 
-    def abort(self, genkey: str | None) -> AbortResponse:
-        """/api/extra/abort: stop the generation with this genkey (others run on)."""
-        generation = self.generations.get(genkey or "")
+    def abort(self, genkey: str | None, caller_key: str | None = None) -> AbortResponse:
+        """/api/extra/abort: stop the caller's generation with this genkey (others run on)."""
+        generation = self._running(genkey, caller_key)
         if generation is None:
             return AbortResponse(success="false", done="false")
         generation.engine.abort(generation.request_id)
@@ -313,7 +362,7 @@ class KoboldRun:
         """This run's numbers for /api/extra/perf."""
         first = self.first_at or self.started
         end = self.ended_at or first
-        seed = self.body.sampler_seed
+        seed = self.body.seed
         return LastRun(
             process=first - self.started,
             eval=end - first,
@@ -338,12 +387,13 @@ def _event(chunk: KoboldStreamChunk | KoboldStreamError) -> ServerSentEvent:
 
 def _prepare(model: LoadedModel, body: KoboldGenerateRequest) -> tuple[list[int], SamplingParams]:
     """Tokenize and translate a request (in a worker thread: tokenizing takes time)."""
+    body.reject_unsupported()
     engine = model.engine
     context = engine.info.context_length
-    max_length = body.output_limit()
+    max_length = body.output_limit() or DEFAULT_MAX_LENGTH
     prompt_ids = _prompt_ids(engine, body, context, max_length)
     banned = _banned_ids(engine, body.banned_tokens)
-    params = body.sampler_fields(context, banned).sampling_params(max_tokens=max_length, n=1)
+    params = body.sampling_params(n=1, banned_ids=banned)
     return prompt_ids, dataclasses.replace(params, grammar=gbnf_grammar(body.grammar))
 
 

@@ -131,7 +131,6 @@ class CompletionRequest(SamplerFields, StructuredOutputFields):
     model: str | None = None
     prompt: str | list[str] | TokenIds | list[TokenIds]
     suffix: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
     n: int | None = Field(1, ge=1, le=128)
     best_of: int | None = Field(None, ge=1)
     stream: bool | None = False
@@ -186,12 +185,12 @@ class ChatMessage(BaseModel):
     tool_call_id: str | None = None
 
     def text(self) -> str:
-        """The content as one string (text parts joined)."""
+        """The content as one string: text parts joined by newlines, as vLLM and llama.cpp do."""
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "\n".join(part.text for part in self.content)
 
 
 class FunctionDefinition(BaseModel):
@@ -228,8 +227,9 @@ class ChatCompletionRequest(SamplerFields, StructuredOutputFields):
 
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(
+        None, ge=1, description="Wins over `max_tokens` when both are given."
+    )
     n: int | None = Field(1, ge=1, le=128)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -237,6 +237,11 @@ class ChatCompletionRequest(SamplerFields, StructuredOutputFields):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     user: str | None = None
     add_generation_prompt: bool | None = True
+    continue_final_message: bool | None = Field(
+        None,
+        description="Continue the final (assistant) message instead of opening a new turn; "
+        "unset: continue when the last message is the assistant's.",
+    )
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[ChatTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
@@ -254,11 +259,43 @@ class ChatCompletionRequest(SamplerFields, StructuredOutputFields):
             )
         return data
 
-    def output_limit(self) -> int | None:
-        """`max_completion_tokens` wins over the older `max_tokens`."""
+    @model_validator(mode="after")
+    def _one_output_limit(self) -> ChatCompletionRequest:
+        # `max_completion_tokens` wins over the older `max_tokens`; folded into `max_tokens`
+        # here so that sampling presets (which cap `max_tokens`) see one limit.
         if self.max_completion_tokens is not None:
-            return self.max_completion_tokens
-        return self.max_tokens
+            self.max_tokens = self.max_completion_tokens
+        return self
+
+    def output_limit_param(self) -> str:
+        """The field the client used for the output limit (for errors)."""
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+
+    def continues_final_message(self) -> bool:
+        """Whether the prompt ends inside the final assistant message (a prefill) or opens a turn.
+
+        As llama.cpp's server, a trailing assistant message is continued unless the request says
+        otherwise (`continue_final_message: false` or an explicit `add_generation_prompt`);
+        vLLM's `continue_final_message: true` asks for it outright.
+        """
+        last = self.messages[-1]
+        explicit_prompt = "add_generation_prompt" in self.model_fields_set
+        if self.continue_final_message is None:
+            return last.role == "assistant" and not last.tool_calls and not explicit_prompt
+        if not self.continue_final_message:
+            return False
+        if explicit_prompt and self.add_generation_prompt:
+            raise InvalidRequestError(
+                "`continue_final_message` and `add_generation_prompt` cannot both be true",
+                param="continue_final_message",
+            )
+        if last.role != "assistant" or last.tool_calls:
+            raise InvalidRequestError(
+                "`continue_final_message` needs the last message to be an assistant message "
+                "with text (no tool_calls) to continue",
+                param="continue_final_message",
+            )
+        return True
 
     def tool_plan(self) -> ToolPlan | None:
         """The tools and tool_choice, dialect-neutral; None when no tools are offered."""

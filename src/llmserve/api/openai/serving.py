@@ -39,6 +39,7 @@ from llmserve.api.openai.protocol import (
     now,
 )
 from llmserve.api.overrides import SamplingOverrides
+from llmserve.api.sampling import dialect_params
 from llmserve.core import tools as toolcalls
 from llmserve.core.errors import InvalidRequestError, LLMServeError
 from llmserve.core.request import Delta, GenerationRequest, TokenLogprob, Usage
@@ -47,6 +48,8 @@ from llmserve.models.manager import LoadedModel, ModelManager
 
 DONE = "[DONE]"
 TOOL_CALLS = "tool_calls"  # the finish_reason of a choice that ends in tool calls
+# Engine field names in errors, as the completions request spells them.
+COMPLETION_PARAMS = {"banned_token_ids": "banned_tokens"}
 
 
 def error_body(exc: LLMServeError) -> ErrorResponse:
@@ -156,18 +159,18 @@ class OpenAIServing:
         prompts = await self._tokenize_prompts(model, body)
         n = body.n or 1
         params = body.sampling_params(
-            max_tokens=body.max_tokens,
             n=n,
             logprobs=body.logprobs,
             prompt_logprobs=body.logprobs if body.echo and body.logprobs is not None else None,
         )
         params = replace(params, grammar=await asyncio.to_thread(body.constraint_grammar))
         request_id = new_id("cmpl")
-        streams = [
-            model.engine.generate(GenerationRequest(f"{request_id}-{i}", ids, params))
-            for i, ids in enumerate(prompts)
-        ]
-        deltas = await open_streams(streams)
+        with dialect_params(COMPLETION_PARAMS):
+            streams = [
+                model.engine.generate(GenerationRequest(f"{request_id}-{i}", ids, params))
+                for i, ids in enumerate(prompts)
+            ]
+            deltas = await open_streams(streams)
         writer = CompletionWriter(model, body, request_id, prompts, n)
         if body.stream:
             return writer.stream(deltas)
@@ -199,17 +202,21 @@ class OpenAIServing:
         """POST /v1/chat/completions: a response, or an iterator of SSE data lines."""
         body.log_unknown_fields("chat/completions")
         body = self.overrides.apply(body)
+        continues = body.continues_final_message()
         model = await self.models.acquire(body.model)
         plan = body.tool_plan()
-        prompt_ids, grammar = await asyncio.to_thread(self._prepare_chat, model, body, plan)
+        prompt_ids, grammar = await asyncio.to_thread(
+            self._prepare_chat, model, body, plan, continues
+        )
         n = body.n or 1
         top = (body.top_logprobs or 0) if body.logprobs else None
-        params = body.sampling_params(max_tokens=body.output_limit(), n=n, logprobs=top)
+        params = body.sampling_params(n=n, logprobs=top)
         params = replace(params, grammar=grammar)
         request_id = new_id("chatcmpl")
-        deltas = await open_streams(
-            [model.engine.generate(GenerationRequest(request_id, prompt_ids, params))]
-        )
+        with dialect_params(_chat_params(body)):
+            deltas = await open_streams(
+                [model.engine.generate(GenerationRequest(request_id, prompt_ids, params))]
+            )
         active = plan if plan is not None and plan.active else None
         writer = ChatWriter(model, body, request_id, n, active)
         if body.stream:
@@ -218,7 +225,10 @@ class OpenAIServing:
 
     @staticmethod
     def _prepare_chat(
-        model: LoadedModel, body: ChatCompletionRequest, plan: toolcalls.ToolPlan | None
+        model: LoadedModel,
+        body: ChatCompletionRequest,
+        plan: toolcalls.ToolPlan | None,
+        continues: bool,
     ) -> tuple[list[int], str | None]:
         """The prompt's token ids and the grammar (in a worker thread: both take time)."""
         grammar = body.constraint_grammar()
@@ -235,8 +245,18 @@ class OpenAIServing:
             body.add_generation_prompt is not False,
             body.chat_template_kwargs,
             tools=toolcalls.template_tools(plan) if native else None,
+            continue_final=continues,
         )
         return prompt_ids, grammar or tool_grammar
+
+
+def _chat_params(body: ChatCompletionRequest) -> dict[str, str]:
+    """Engine field names in errors, as the chat request spells them (the prompt is messages)."""
+    return {
+        "prompt": "messages",
+        "max_tokens": body.output_limit_param(),
+        "banned_token_ids": "banned_tokens",
+    }
 
 
 def _turns(body: ChatCompletionRequest) -> list[toolcalls.Turn]:
@@ -469,8 +489,8 @@ class ChatWriter:
     async def stream(self, deltas: AsyncIterator[IndexedDelta]) -> AsyncIterator[str]:
         """SSE data lines: role chunk, content chunks, finish chunk, optional usage, [DONE]."""
         include_usage = bool(self.body.stream_options and self.body.stream_options.include_usage)
-        # With tools, content may never come (OpenAI's first chunk then carries only the role).
-        first = ChatDelta(role="assistant", content=None if self.tools else "")
+        # One first chunk, tools or not: the role and empty content, as OpenAI and vLLM send it.
+        first = ChatDelta(role="assistant", content="")
         for index in range(self.n):
             yield _sse(self._chunk([ChatChunkChoice(index=index, delta=first)]))
         splitters = {i: toolcalls.ToolStream(self.tools) for i in range(self.n) if self.tools}

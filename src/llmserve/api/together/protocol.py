@@ -3,7 +3,7 @@ documentation shows, plus the top-level `choices`, `id` and `usage` newer client
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -23,16 +23,13 @@ TogetherFinishReason = Literal["length", "eos_token", "stop_sequence"]
 class InferenceRequest(SamplerFields):
     """Body of POST /inference; null means default; unknown fields are ignored."""
 
+    DEFAULT_MAX_TOKENS: ClassVar[int | None] = DEFAULT_MAX_TOKENS
+
     model: str | None = None
     prompt: str
-    max_tokens: int | None = Field(None, ge=1)
     n: int | None = Field(None, ge=1, le=128)
     logprobs: int | None = Field(None, ge=0, le=20, description="Any number: logprobs per token.")
     stream_tokens: bool | None = False
-
-    def output_limit(self) -> int:
-        """Tokens to generate per choice."""
-        return self.max_tokens or DEFAULT_MAX_TOKENS
 
 
 class Choice(BaseModel):

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 from llmserve.api.openai.protocol import new_id
 from llmserve.api.openai.serving import openai_error_response
+from llmserve.api.overrides import SamplingOverrides
+from llmserve.api.sampling import dialect_params
 from llmserve.api.together.protocol import (
     Choice,
     InferenceRequest,
@@ -28,6 +30,8 @@ from llmserve.core.streams import IndexedDelta, open_streams
 from llmserve.models.manager import LoadedModel, ModelManager
 
 DONE = "[DONE]"
+# Engine field names in errors, as Together's request spells them.
+TOGETHER_PARAMS = {"banned_token_ids": "banned_tokens"}
 
 
 # Together's API answers errors in OpenAI's {"error": {...}} shape, statuses included.
@@ -56,12 +60,14 @@ def usage(engine_usage: EngineUsage | None) -> Usage:
 class TogetherServing:
     """Serves Together's legacy /inference over the model manager."""
 
-    def __init__(self, models: ModelManager):
+    def __init__(self, models: ModelManager, overrides: SamplingOverrides):
         self.models = models
+        self.overrides = overrides
 
     async def inference(self, body: InferenceRequest) -> InferenceResponse | AsyncIterator[str]:
         """POST /inference: a response, or SSE data lines with `stream_tokens`."""
         body.log_unknown_fields("inference")
+        body = self.overrides.apply(body)
         started = time.monotonic()
         model = self.models.resolve(body.model)
         prompt_ids = await asyncio.to_thread(model.engine.tokenize, body.prompt, True)
@@ -70,10 +76,11 @@ class TogetherServing:
         n = body.n or 1
         # Together returns the chosen tokens' logprobs; no alternatives needed for that.
         logprobs = 0 if body.logprobs is not None else None
-        params = body.sampling_params(max_tokens=body.output_limit(), n=n, logprobs=logprobs)
+        params = body.sampling_params(n=n, logprobs=logprobs)
         request_id = new_id("inference")
         request = GenerationRequest(request_id, prompt_ids, params)
-        deltas = await open_streams([model.engine.generate(request)])
+        with dialect_params(TOGETHER_PARAMS):
+            deltas = await open_streams([model.engine.generate(request)])
         writer = InferenceWriter(model, body, request_id, n, started)
         if body.stream_tokens:
             return writer.stream(deltas)
