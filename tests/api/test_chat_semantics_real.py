@@ -119,6 +119,17 @@ def test_continuing_an_empty_or_repeated_assistant_message(real_server: RunningS
     assert usage["prompt_tokens"] == opened
 
 
+def test_tokenize_renders_a_chat_as_chat_would(real_server: RunningServer) -> None:
+    # vLLM's /tokenize with messages gives the tokens the chat route would prefill, prefill too.
+    prefilled = tokens(real_server, prompt=PREFILLED_PROMPT)
+    assert tokens(real_server, messages=PREFILLED) == prefilled
+    assert tokens(real_server, messages=PREFILLED, continue_final_message=True) == prefilled
+    closed = tokens(real_server, prompt=f"{PREFILLED_PROMPT}<|im_end|>\n<|im_start|>assistant\n")
+    assert tokens(real_server, messages=PREFILLED, add_generation_prompt=True) == closed
+    both = {"messages": PREFILLED, "continue_final_message": True, "add_generation_prompt": True}
+    assert error(post(real_server, "/tokenize", both))["param"] == "continue_final_message"
+
+
 def test_contradictory_continuation_flags_are_a_400(real_server: RunningServer) -> None:
     both = {"messages": PREFILLED, "continue_final_message": True, "add_generation_prompt": True}
     assert error(post(real_server, "/v1/chat/completions", both))["param"] == (

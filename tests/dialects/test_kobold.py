@@ -372,3 +372,39 @@ def test_latest_generate_tokencount_and_perf(dialect_server: RunningServer) -> N
     assert token_ids(dialect_server, "Hello world") == token_ids(
         dialect_server, "Hello world", special=False
     )
+
+
+class CountingTokenizer:
+    """Just enough of an engine for _banned_ids: counts tokenizer calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def tokenize(self, text: str, add_special: bool) -> list[int]:
+        self.calls += 1
+        return [1, 2]
+
+
+def test_banned_strings_past_the_bound_stop_tokenizing_early() -> None:
+    from llmserve.api.kobold.serving import _banned_ids
+    from llmserve.core.errors import InvalidRequestError
+    from llmserve.core.limits import MAX_BANNED_TOKENS
+
+    engine = CountingTokenizer()
+    with pytest.raises(InvalidRequestError) as refused:
+        _banned_ids(engine, ["word"] * 100_000)  # type: ignore[arg-type]
+    assert refused.value.param == "banned_tokens"
+    assert engine.calls == MAX_BANNED_TOKENS // 2 + 1  # two ids per string: stopped at the bound
+    assert _banned_ids(engine, ["word"] * (MAX_BANNED_TOKENS // 2)) == [1, 2] * (  # type: ignore[arg-type]
+        MAX_BANNED_TOKENS // 2
+    )
+
+
+def test_too_many_banned_strings_are_a_400_in_koboldcpp_shape(
+    dialect_server: RunningServer,
+) -> None:
+    body = {"prompt": "Hi", "max_length": 2, "banned_tokens": ["word"] * 5000}
+    r = httpx.post(dialect_server.url + "/api/v1/generate", json=body, headers=AUTH, timeout=60)
+    assert r.status_code == 400, r.text
+    assert r.json()["detail"]["type"] == "bad_input"
+    assert "banned_tokens" in r.json()["detail"]["msg"]

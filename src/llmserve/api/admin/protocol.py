@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from llmserve.api.openai.protocol import ChatMessage
+from llmserve.api.openai.protocol import ChatMessage, continues_final_message
 from llmserve.api.overrides import OverrideValue
 
 
@@ -154,6 +154,17 @@ class TokenizeRequest(BaseModel):
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
+    # As on chat: None continues a trailing assistant message unless add_generation_prompt is sent.
+    continue_final_message: bool | None = None
+
+    def continues_final_message(self) -> bool:
+        """Whether the rendered chat ends inside its final assistant message, as chat would."""
+        return continues_final_message(
+            self.messages or [],
+            self.continue_final_message,
+            self.add_generation_prompt,
+            explicit_prompt="add_generation_prompt" in self.model_fields_set,
+        )
 
 
 class TokenizeResponse(BaseModel):

@@ -213,7 +213,11 @@ class AdminServing:
         model = await self.models.acquire(body.model)
         if body.messages is not None:
             ids = await asyncio.to_thread(
-                _chat_ids, model, body.messages, body.add_generation_prompt
+                _chat_ids,
+                model,
+                body.messages,
+                body.add_generation_prompt,
+                body.continues_final_message(),
             )
         elif body.prompt is not None:
             ids = await asyncio.to_thread(
@@ -322,10 +326,12 @@ def _preset_entry(preset: str, field: str, value: object) -> OverrideValue:
 
 
 def _chat_ids(
-    model: LoadedModel, messages: list[ChatMessage], generation_prompt: bool
+    model: LoadedModel, messages: list[ChatMessage], generation_prompt: bool, continues: bool
 ) -> list[int]:
     return model.chat_prompt(
-        [{"role": m.role, "content": m.text()} for m in messages], generation_prompt
+        [{"role": m.role, "content": m.text()} for m in messages],
+        generation_prompt,
+        continue_final=continues,
     )
 
 

@@ -59,6 +59,7 @@ from llmserve.core.errors import (
     LLMServeError,
     QueueFullError,
 )
+from llmserve.core.limits import MAX_BANNED_TOKENS
 from llmserve.core.params import SamplingParams
 from llmserve.core.request import Delta, GenerationRequest
 from llmserve.core.request import FinishReason as EngineFinish
@@ -432,11 +433,20 @@ def _last_tokens(ids: list[int], room: int, bos: int | None) -> list[int]:
 
 
 def _banned_ids(engine: Engine, banned: list[str | int] | None) -> list[int]:
-    """Token ids as given; strings ban every token they tokenize to."""
+    """Token ids as given; strings ban every token they tokenize to.
+
+    The bound is checked while tokenizing, so a huge list costs at most the bound's worth of
+    tokenizer calls before the 400 (SamplingParams checks the same bound on the result).
+    """
     ids: list[int] = []
     for item in banned or ():
         if isinstance(item, int):
             ids.append(item)
         elif item:
             ids.extend(engine.tokenize(item, False))
+        if len(ids) > MAX_BANNED_TOKENS:
+            raise InvalidRequestError(
+                f"banned_tokens come to more than {MAX_BANNED_TOKENS} token ids",
+                param="banned_tokens",
+            )
     return ids

@@ -272,30 +272,13 @@ class ChatCompletionRequest(SamplerFields, StructuredOutputFields):
         return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
 
     def continues_final_message(self) -> bool:
-        """Whether the prompt ends inside the final assistant message (a prefill) or opens a turn.
-
-        As llama.cpp's server, a trailing assistant message is continued unless the request says
-        otherwise (`continue_final_message: false` or an explicit `add_generation_prompt`);
-        vLLM's `continue_final_message: true` asks for it outright.
-        """
-        last = self.messages[-1]
-        explicit_prompt = "add_generation_prompt" in self.model_fields_set
-        if self.continue_final_message is None:
-            return last.role == "assistant" and not last.tool_calls and not explicit_prompt
-        if not self.continue_final_message:
-            return False
-        if explicit_prompt and self.add_generation_prompt:
-            raise InvalidRequestError(
-                "`continue_final_message` and `add_generation_prompt` cannot both be true",
-                param="continue_final_message",
-            )
-        if last.role != "assistant" or last.tool_calls:
-            raise InvalidRequestError(
-                "`continue_final_message` needs the last message to be an assistant message "
-                "with text (no tool_calls) to continue",
-                param="continue_final_message",
-            )
-        return True
+        """Whether the prompt ends inside the final assistant message or opens a new turn."""
+        return continues_final_message(
+            self.messages,
+            self.continue_final_message,
+            self.add_generation_prompt,
+            explicit_prompt="add_generation_prompt" in self.model_fields_set,
+        )
 
     def tool_plan(self) -> ToolPlan | None:
         """The tools and tool_choice, dialect-neutral; None when no tools are offered."""
@@ -512,3 +495,37 @@ class ErrorResponse(BaseModel):
     """OpenAI's error shape: {"error": {...}}."""
 
     error: ErrorInfo
+
+
+def continues_final_message(
+    messages: list[ChatMessage],
+    continue_final: bool | None,
+    add_generation_prompt: bool | None,
+    *,
+    explicit_prompt: bool,
+) -> bool:
+    """Whether a chat prompt ends inside its final assistant message (chat and /tokenize).
+
+    As llama.cpp's server, a trailing assistant message is continued unless the request says
+    otherwise (`continue_final_message: false` or an explicit `add_generation_prompt`);
+    vLLM's `continue_final_message: true` asks for it outright.
+    """
+    if not messages:
+        return False
+    last = messages[-1]
+    if continue_final is None:
+        return last.role == "assistant" and not last.tool_calls and not explicit_prompt
+    if not continue_final:
+        return False
+    if explicit_prompt and add_generation_prompt:
+        raise InvalidRequestError(
+            "`continue_final_message` and `add_generation_prompt` cannot both be true",
+            param="continue_final_message",
+        )
+    if last.role != "assistant" or last.tool_calls:
+        raise InvalidRequestError(
+            "`continue_final_message` needs the last message to be an assistant message "
+            "with text (no tool_calls) to continue",
+            param="continue_final_message",
+        )
+    return True
