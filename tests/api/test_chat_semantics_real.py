@@ -128,6 +128,11 @@ def test_tokenize_renders_a_chat_as_chat_would(real_server: RunningServer) -> No
     assert tokens(real_server, messages=PREFILLED, add_generation_prompt=True) == closed
     both = {"messages": PREFILLED, "continue_final_message": True, "add_generation_prompt": True}
     assert error(post(real_server, "/tokenize", both))["param"] == "continue_final_message"
+    # TabbyAPI's encode takes messages as `text` and keeps opening a new turn.
+    encoded = post(real_server, "/v1/token/encode", {"text": PREFILLED})
+    assert encoded.status_code == 200, encoded.text
+    assert encoded.json()["tokens"] == closed
+    assert post(real_server, "/v1/token/encode", {"text": []}).status_code == 200
 
 
 def test_contradictory_continuation_flags_are_a_400(real_server: RunningServer) -> None:

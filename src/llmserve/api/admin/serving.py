@@ -326,7 +326,10 @@ def _preset_entry(preset: str, field: str, value: object) -> OverrideValue:
 
 
 def _chat_ids(
-    model: LoadedModel, messages: list[ChatMessage], generation_prompt: bool, continues: bool
+    model: LoadedModel,
+    messages: list[ChatMessage],
+    generation_prompt: bool,
+    continues: bool = False,
 ) -> list[int]:
     return model.chat_prompt(
         [{"role": m.role, "content": m.text()} for m in messages],
