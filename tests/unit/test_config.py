@@ -46,10 +46,10 @@ def test_example_config_lists_every_setting_with_its_description() -> None:
 
 
 def test_allowed_hosts_and_cors_origins_flags(monkeypatch: pytest.MonkeyPatch) -> None:
-    args = _parse(["--allowed-hosts", "llm.example", "--allowed-hosts", "10.0.0.5"])
+    args = _parse(["--allowed-hosts", "llm.example", "--allowed-hosts", "127.0.0.2"])
     monkeypatch.setenv("LLMSERVE_CORS_ORIGINS", "localhost,https://App.example/")
     settings = load_settings(None, **_overrides(args))
-    assert settings.allowed_hosts == ["llm.example", "10.0.0.5"]
+    assert settings.allowed_hosts == ["llm.example", "127.0.0.2"]
     assert settings.cors_origins == ["localhost", "https://app.example"]
     monkeypatch.delenv("LLMSERVE_CORS_ORIGINS")
     assert load_settings(None).cors_origins == []  # chosen per route from the auth settings
