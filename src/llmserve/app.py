@@ -13,34 +13,40 @@ from llmserve import __version__
 from llmserve.api import ops
 from llmserve.api.admin import routes as admin_routes
 from llmserve.api.admin.serving import AdminServing
+from llmserve.api.common import error_response
 from llmserve.api.errors import ErrorRenderers, install_error_handlers
 from llmserve.api.http import BodySizeLimit
 from llmserve.api.kobold import routes as kobold_routes
 from llmserve.api.kobold.serving import KoboldServing, kobold_error_response
 from llmserve.api.openai import routes as openai_routes
-from llmserve.api.openai.serving import OpenAIServing, openai_error_response
+from llmserve.api.openai.serving import OpenAIServing
 from llmserve.api.overrides import SamplingOverrides
 from llmserve.api.together import routes as together_routes
 from llmserve.api.together.serving import TogetherServing, together_error_response
 from llmserve.auth import KeyStore, require_api
 from llmserve.config import Settings
 from llmserve.core.errors import LLMServeError
-from llmserve.engines.base import Engine
+from llmserve.engines.registry import EngineRegistry
 from llmserve.exposure import BrowserGuard, PathCORS
-from llmserve.models.deadline import DeadlineEngine
 from llmserve.models.leases import LeaseScope
 from llmserve.models.manager import ModelManager
-from llmserve.observability import AccessLog, InstrumentedEngine, Metrics
+from llmserve.models.wrappers import serving_engine
+from llmserve.observability import AccessLog, Metrics
 
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings, models: ModelManager | None = None) -> FastAPI:
-    """The whole server; with `models` given (already holding a model) nothing is loaded."""
-    manager = models or ModelManager(settings)
+def create_app(
+    settings: Settings, models: ModelManager | None = None, engines: EngineRegistry | None = None
+) -> FastAPI:
+    """The whole server; with `models` given (already holding a model) nothing is loaded.
+
+    `engines`: the engines `settings.engine` may name (default: those shipped with llmserve).
+    """
+    manager = models or ModelManager(settings, engines)
     keys = KeyStore(settings.tokens_path(), settings.api_key, settings.disable_auth)
     metrics = Metrics(lambda: [(m.id, m.engine.stats()) for m in manager.loaded()])
-    manager.wrap_engines(lambda engine: _serving_engine(engine, settings, metrics))
+    manager.wrap_engines(lambda engine: serving_engine(engine, metrics, settings.request_timeout))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -104,19 +110,12 @@ def _add_middleware(app: FastAPI, settings: Settings) -> None:
             (("/inference", "/api/inference"), together_error_response),
             (("/api/",), kobold_error_response),
         ),
-        default=openai_error_response,
+        default=error_response,
     )
     install_error_handlers(app, renderers)
     app.add_middleware(BrowserGuard, settings=settings, renderers=renderers)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, renderers=renderers)
     app.add_middleware(AccessLog, metrics=app.state.metrics)
-
-
-def _serving_engine(engine: Engine, settings: Settings, metrics: Metrics) -> Engine:
-    """The engine as requests see it: with its time limit and its metrics."""
-    if settings.request_timeout is not None:
-        engine = DeadlineEngine(engine, settings.request_timeout)
-    return InstrumentedEngine(engine, metrics)
 
 
 async def _load(manager: ModelManager) -> None:

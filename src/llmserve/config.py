@@ -16,12 +16,21 @@ from pydantic_settings import (
 )
 
 from llmserve import exposure
+from llmserve.engines.llamacpp.settings import LlamaCppSettings
 
 # A list setting read from the environment as "a,b,c" rather than as JSON.
 StrList = Annotated[list[str], NoDecode]
 
 
-class Settings(BaseSettings):
+class EngineOptions(LlamaCppSettings):
+    """Every engine's settings: what `engine`, ctx_size, parallel, ... mean for each engine.
+
+    A load may override any of them (the admin API's load request); the chosen engine's own
+    settings model validates the result.
+    """
+
+
+class Settings(BaseSettings, EngineOptions):
     """Everything llmserve can be told; each description is also the --help text and example."""
 
     model_config = SettingsConfigDict(env_prefix="LLMSERVE_", extra="forbid")
@@ -74,47 +83,6 @@ class Settings(BaseSettings):
         ge=0,
         le=65535,
         description="Serve the admin API on this port only, apart from the rest.",
-    )
-
-    # Engine
-    ctx_size: int | None = Field(
-        None, ge=16, description="Context length per sequence (prompt + output), in tokens."
-    )
-    parallel: int | None = Field(
-        None, ge=1, description="Sequences decoded together; more requests wait in a queue."
-    )
-    prefill_chunk: int = Field(
-        512, ge=16, description="Prompt tokens prefilled per step, between decode steps."
-    )
-    threads: int | None = Field(None, ge=1, description="llama.cpp threads for decoding.")
-    threads_batch: int | None = Field(
-        None, ge=1, description="llama.cpp threads for prompt processing."
-    )
-    max_queue: int | None = Field(
-        None, ge=0, description="Requests allowed to wait for a slot; beyond it: 429."
-    )
-    kv_unified: bool = Field(
-        False,
-        description="One KV buffer for all slots instead of one per slot (slower when many run).",
-    )
-    n_gpu_layers: int = Field(0, ge=0, description="Layers offloaded to a GPU, if built with one.")
-    flash_attn: bool | None = Field(
-        None, description="Use flash attention (empty: llama.cpp's choice)."
-    )
-    use_mmap: bool = Field(True, description="Memory-map the model file.")
-    cache_type_k: str | None = Field(None, description="KV cache type for K (f16, q8_0, ...).")
-    cache_type_v: str | None = Field(None, description="KV cache type for V (f16, q8_0, ...).")
-    rope_freq_base: float | None = Field(
-        None,
-        ge=0,
-        allow_inf_nan=False,
-        description="RoPE base frequency (empty or 0: the model's own).",
-    )
-    rope_freq_scale: float | None = Field(
-        None,
-        ge=0,
-        allow_inf_nan=False,
-        description="RoPE frequency scale; 0.5 stretches the context 2x (empty or 0: the model's).",
     )
 
     # Limits
@@ -172,6 +140,10 @@ class Settings(BaseSettings):
     @classmethod
     def _check_hosts(cls, value: list[str]) -> list[str]:
         return [exposure.checked_host(host) for host in value]
+
+    def engine_options(self) -> dict[str, Any]:
+        """The configured engine settings, by name (a load's overrides go on top)."""
+        return self.model_dump(include=set(EngineOptions.model_fields))
 
     def tokens_path(self) -> Path:
         """Where api_tokens.yml lives."""

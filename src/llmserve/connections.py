@@ -24,7 +24,7 @@ class HeadTimeoutH11Protocol(H11Protocol):
         super().__init__(*args, **kwargs)
         self._head_timer: asyncio.TimerHandle | None = None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Start the clock for the first request's head."""
         super().connection_made(transport)  # type: ignore[arg-type]
         self._arm_head_timer()

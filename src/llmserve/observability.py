@@ -7,7 +7,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -17,9 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from llmserve.core.request import Delta, GenerationRequest
-from llmserve.engines.base import Engine, EngineStats
-from llmserve.models.decorator import EngineDecorator
+from llmserve.engines.base import EngineStats
 
 log = logging.getLogger("llmserve.access")
 
@@ -189,49 +187,6 @@ def _families(
         for model, snapshot in stats:
             family.add_metric([model], float(read(snapshot)))
         yield family
-
-
-class InstrumentedEngine(EngineDecorator):
-    """An Engine that reports TTFT, inter-token latency and tokens of every generation."""
-
-    def __init__(self, inner: Engine, metrics: Metrics):
-        super().__init__(inner)
-        self.metrics = metrics
-
-    async def generate(self, req: GenerationRequest) -> AsyncIterator[Delta]:
-        """The inner stream, timed."""
-        start = last = time.perf_counter()
-        first = True
-        record = current_request.get()
-        stream = self.inner.generate(req)
-        try:
-            async for delta in stream:
-                now = time.perf_counter()
-                if first:
-                    self.metrics.ttft.observe(now - start)
-                    if record is not None and record.ttft_ms is None:
-                        record.ttft_ms = round((now - start) * 1000, 1)
-                    first = False
-                else:
-                    self.metrics.itl.observe(now - last)
-                last = now
-                if delta.usage is not None:
-                    self._count(delta, record)
-                yield delta
-        finally:
-            await stream.aclose()  # type: ignore[attr-defined]
-
-    def _count(self, delta: Delta, record: RequestRecord | None) -> None:
-        usage = delta.usage
-        assert usage is not None
-        self.metrics.tokens.labels("prompt").inc(usage.prompt_tokens)
-        self.metrics.tokens.labels("completion").inc(usage.completion_tokens)
-        self.metrics.tokens.labels("cached").inc(usage.cached_tokens)
-        if record is not None:
-            record.model = self.info.id
-            record.prompt_tokens += usage.prompt_tokens
-            record.completion_tokens += usage.completion_tokens
-            record.cached_tokens += usage.cached_tokens
 
 
 @dataclass

@@ -32,7 +32,7 @@ class GracefulServer(uvicorn.Server):
         super().__init__(config)
         # sse-starlette would cut every stream the moment a signal arrives; we drain instead
         # and tell it to stop only when the grace period is over.
-        AppStatus.disable_automatic_graceful_drain()
+        AppStatus.disable_automatic_graceful_drain()  # type: ignore[no-untyped-call]
         self.models = models
         self.grace = grace
         self._closing: asyncio.Future[None] | None = None

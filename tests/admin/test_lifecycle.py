@@ -19,7 +19,7 @@ from gguf import GGUFWriter
 from llmserve.app import create_app
 from llmserve.config import Settings
 from llmserve.engines.base import Engine
-from llmserve.engines.llamacpp import LlamaCppEngine
+from llmserve.engines.llamacpp.engine import LlamaCppEngine
 from llmserve.models.defaults import default_model_path
 from tests.conftest import TEST_SETTINGS
 from tests.server import RunningServer, serve

@@ -7,10 +7,12 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from llmserve.core.constraints import Grammar
 from llmserve.core.params import SamplingParams
 from llmserve.core.request import Delta, FinishReason, GenerationRequest, Usage
 from llmserve.engines.base import EngineStats
-from llmserve.engines.llamacpp import LlamaCppConfig, LlamaCppEngine
+from llmserve.engines.llamacpp.config import LlamaCppConfig
+from llmserve.engines.llamacpp.engine import LlamaCppEngine
 from llmserve.models.defaults import default_model_path
 
 # One thread each: on a shared 2-core machine two busy-waiting ggml threads lose badly to
@@ -35,7 +37,10 @@ def chat(user: str) -> str:
 
 
 def request(prompt: list[int], **params: object) -> GenerationRequest:
-    """A request with a fresh id and the given sampling parameters."""
+    """A request with a fresh id and the given sampling parameters (`grammar`: GBNF text)."""
+    grammar = params.pop("grammar", None)
+    if isinstance(grammar, str):
+        params["constraint"] = Grammar(grammar)
     return GenerationRequest(
         request_id=f"test-{uuid.uuid4().hex[:8]}",
         prompt_tokens=prompt,

@@ -10,7 +10,8 @@ import pytest
 from llmserve.core.errors import ContextLengthExceededError, InvalidRequestError
 from llmserve.core.params import DrySettings, MirostatMode
 from llmserve.core.request import FinishReason
-from llmserve.engines.llamacpp import LlamaCppConfig, LlamaCppEngine
+from llmserve.engines.llamacpp.config import LlamaCppConfig
+from llmserve.engines.llamacpp.engine import LlamaCppEngine
 from llmserve.engines.llamacpp.scheduler import common_prefix_length
 from tests.engine.helpers import Completion, Driver, idle, request, small_engine, wait_for
 

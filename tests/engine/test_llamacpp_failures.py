@@ -9,7 +9,7 @@ import pytest
 
 from llmserve.core.errors import EngineError, QueueFullError, ServiceUnavailableError
 from llmserve.core.request import FinishReason
-from llmserve.engines.llamacpp import LlamaCppEngine
+from llmserve.engines.llamacpp.engine import LlamaCppEngine
 from tests.engine.helpers import Completion, Driver, request, small_engine, wait_for
 
 

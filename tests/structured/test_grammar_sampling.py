@@ -28,7 +28,10 @@ def chains(oracle: GrammarOracle) -> Iterator[list[SamplerChain]]:
 
 def chain_for(oracle: GrammarOracle, chains: list[SamplerChain], **params: object) -> SamplerChain:
     model = oracle.model
-    chain = build_sampler_chain(SamplingParams(**params), model.vocab, model.n_vocab, 2048, 7)  # type: ignore[arg-type]
+    grammar = params.pop("grammar", None)
+    assert grammar is None or isinstance(grammar, str)
+    sampling = SamplingParams(**params)  # type: ignore[arg-type]
+    chain = build_sampler_chain(sampling, grammar, model.vocab, model.n_vocab, 2048, 7)
     chains.append(chain)
     return chain
 

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from llmserve.core import constraints
 from llmserve.core.errors import InvalidRequestError
-from llmserve.core.regex_gbnf import RegexError, regex_to_gbnf
+from llmserve.engines.llamacpp.regex_gbnf import RegexError, regex_to_gbnf
+from tests.structured import gbnf as constraints
 from tests.structured.oracle import GrammarOracle
 
 PERSON: dict[str, Any] = {

@@ -187,7 +187,7 @@ def test_schema_fields_of_vllm_and_tabbyapi(real_server: RunningServer) -> None:
         ),
         ({"guided_json": {"type": "array", "uniqueItems": True}}, "guided_json", "`uniqueItems`"),
         ({"guided_regex": r"(?<=a)b"}, "guided_regex", "lookahead/lookbehind"),
-        ({"guided_grammar": "root ::= ("}, "grammar", "not valid GBNF"),
+        ({"guided_grammar": "root ::= ("}, "guided_grammar", "not valid GBNF"),
         ({"guided_choice": []}, "guided_choice", "at least one"),
         ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice", "at most one"),
         ({"response_format": {"type": "json_schema"}}, "response_format.json_schema", "needs"),

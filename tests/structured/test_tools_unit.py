@@ -21,6 +21,7 @@ from llmserve.core.tools import (
     template_messages,
     template_tools,
 )
+from tests.structured import gbnf as constraints
 from tests.structured.oracle import GrammarOracle
 
 WEATHER = ToolFunction(
@@ -41,7 +42,7 @@ def plan(choice: ToolChoice = ToolChoice.AUTO, **kw: Any) -> ToolPlan:
 
 
 def test_required_grammar_allows_calls_only(oracle: GrammarOracle) -> None:
-    g = plan(ToolChoice.REQUIRED).grammar()
+    g = constraints.tool_grammar(plan(ToolChoice.REQUIRED))
     assert g is not None
     assert oracle.accepts(g, '{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "c"}}')
     assert oracle.accepts(g, '{"name": "get_time", "arguments": {}}')
@@ -52,7 +53,7 @@ def test_required_grammar_allows_calls_only(oracle: GrammarOracle) -> None:
 
 
 def test_named_function_grammar(oracle: GrammarOracle) -> None:
-    g = plan(ToolChoice.FUNCTION, function="get_weather").grammar()
+    g = constraints.tool_grammar(plan(ToolChoice.FUNCTION, function="get_weather"))
     assert g is not None
     assert oracle.accepts(g, '{"name": "get_weather", "arguments": {"city": "X", "unit": "f"}}')
     assert not oracle.accepts(g, '{"name": "get_time", "arguments": {}}')
@@ -60,14 +61,14 @@ def test_named_function_grammar(oracle: GrammarOracle) -> None:
 
 
 def test_no_parallel_calls(oracle: GrammarOracle) -> None:
-    g = plan(ToolChoice.REQUIRED, parallel=False).grammar()
+    g = constraints.tool_grammar(plan(ToolChoice.REQUIRED, parallel=False))
     assert g is not None
     assert not oracle.accepts(g, '[{"name": "get_time", "arguments": {}}]')
 
 
 def test_auto_and_none_need_no_grammar() -> None:
-    assert plan().grammar() is None
-    assert plan(ToolChoice.NONE).grammar() is None
+    assert constraints.tool_grammar(plan()) is None
+    assert constraints.tool_grammar(plan(ToolChoice.NONE)) is None
     assert not plan(ToolChoice.NONE).active
 
 
@@ -80,7 +81,7 @@ def test_tool_definitions_that_break_the_plan() -> None:
     assert caught.value.param == "tool_choice"
     bad = ToolFunction("f", None, {"type": "object", "properties": {"n": {"multipleOf": 2}}})
     with pytest.raises(InvalidRequestError) as caught:
-        ToolPlan((CLOCK, bad), ToolChoice.REQUIRED).grammar()
+        constraints.tool_grammar(ToolPlan((CLOCK, bad), ToolChoice.REQUIRED))
     assert caught.value.param == "tools[1].function.parameters"
     assert "`multipleOf`" in caught.value.message
 
@@ -101,7 +102,7 @@ def test_tool_schemas_with_same_named_defs_do_not_collide(oracle: GrammarOracle)
     both = ToolPlan(
         (tool("a", {"type": "integer"}), tool("b", {"type": "boolean"})), ToolChoice.REQUIRED
     )
-    g = both.grammar()
+    g = constraints.tool_grammar(both)
     assert g is not None
     assert oracle.accepts(g, '{"name": "a", "arguments": {"item": 3}}')
     assert oracle.accepts(g, '{"name": "b", "arguments": {"item": true}}')

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from llmserve.api.openai.protocol import ChatCompletionRequest, ChatMessage, TextPart
+from llmserve.api.common import ChatMessage, TextPart
+from llmserve.api.openai.protocol import ChatCompletionRequest
 from llmserve.core.continuation import render_continuation
 from llmserve.core.errors import InvalidRequestError
 from llmserve.core.templates import CHATML_TEMPLATE, ChatTemplate, TemplateError

@@ -8,11 +8,13 @@ from typing import Any
 
 import pytest
 
-from llmserve.core import constraints, limits, stops
+from llmserve.core import limits, stops
+from llmserve.core.constraints import Grammar
 from llmserve.core.errors import InvalidRequestError
 from llmserve.core.params import DrySettings, SamplingParams
 from llmserve.core.stops import StopMatcher
 from llmserve.core.tools import ToolChoice, ToolFunction, ToolPlan
+from tests.structured import gbnf as constraints
 
 
 def refused(call: Any, *args: Any, **kwargs: Any) -> InvalidRequestError:
@@ -40,11 +42,16 @@ def refused(call: Any, *args: Any, **kwargs: Any) -> InvalidRequestError:
         ({"logprobs": limits.MAX_LOGPROBS + 1}, "logprobs"),
         ({"prompt_logprobs": limits.MAX_LOGPROBS + 1}, "prompt_logprobs"),
         ({"penalty_range": -5}, "penalty_range"),
-        ({"grammar": "root ::= " + "(" * 300 + '"a"' + ")" * 300}, "grammar"),
     ],
 )
 def test_sampling_params_past_a_limit_are_refused(fields: dict[str, Any], param: str) -> None:
     assert refused(SamplingParams, **fields).param == param
+
+
+def test_grammar_constraints_are_bounded_however_they_are_made() -> None:
+    deep = "root ::= " + "(" * 300 + '"a"' + ")" * 300
+    assert refused(Grammar, deep).param == "grammar"
+    assert refused(Grammar, 'start ::= "a"', "guided_grammar").param == "guided_grammar"
 
 
 def test_sampling_params_at_the_limits_are_accepted() -> None:
@@ -293,7 +300,6 @@ def test_compiled_grammars_may_exceed_the_hand_written_size_bound() -> None:
         ToolFunction(name=f"tool_{i}", parameters={"type": "object", "properties": properties})
         for i in range(50)
     )
-    grammar = ToolPlan(tools, ToolChoice.REQUIRED).grammar()
+    grammar = constraints.tool_grammar(ToolPlan(tools, ToolChoice.REQUIRED))
     assert grammar is not None
     assert limits.MAX_GRAMMAR_BYTES < len(grammar) < limits.MAX_COMPILED_GRAMMAR_BYTES
-    assert SamplingParams(grammar=grammar).grammar == grammar

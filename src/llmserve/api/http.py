@@ -118,11 +118,11 @@ def check_json_value(
         elif isinstance(item, dict):
             if strings and any(_SURROGATE.search(key) for key in item):
                 raise _bad_value("has a field name with a lone UTF-16 surrogate", path)
-            pairs = item.items()
-            stack.extend((child, (*path, key)) for key, child in pairs if _needs(child, checks))
+            fields = item.items()
+            stack.extend((child, (*path, key)) for key, child in fields if _needs(child, checks))
         elif isinstance(item, list):
-            pairs = enumerate(item)
-            stack.extend((child, (*path, str(i))) for i, child in pairs if _needs(child, checks))
+            entries = enumerate(item)
+            stack.extend((child, (*path, str(i))) for i, child in entries if _needs(child, checks))
 
 
 def _needs(value: Any, checks: tuple[type, ...]) -> bool:

@@ -19,7 +19,7 @@ from llmserve.core.params import DrySettings, MirostatMode, SamplingParams
 
 log = logging.getLogger(__name__)
 
-StopField = str | list[str] | None
+StopField = str | list[str | None] | None  # Kobold clients send nulls among the strings
 T = TypeVar("T")
 
 
@@ -42,7 +42,7 @@ def dialect_params(names: Mapping[str, str]) -> Iterator[None]:
     try:
         yield
     except LLMServeError as exc:
-        if exc.param in names:
+        if exc.param is not None and exc.param in names:
             exc.param = names[exc.param]
         raise
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 
 from llmserve.core import limits
+from llmserve.core.constraints import Constraint
 from llmserve.core.errors import InvalidRequestError
 
 
@@ -66,7 +67,7 @@ class SamplingParams:
     mirostat: MirostatMode = MirostatMode.OFF
     mirostat_tau: float = 5.0
     mirostat_eta: float = 0.1
-    grammar: str | None = None  # GBNF, enforced by llama.cpp's grammar sampler
+    constraint: Constraint | None = None  # structured output; each engine compiles its own way
 
     def __post_init__(self) -> None:
         """Refuse sizes past the bounds in `limits`: each becomes work or memory per token."""
@@ -84,9 +85,6 @@ class SamplingParams:
                 )
         if self.penalty_range is not None and self.penalty_range < 0:
             raise InvalidRequestError("penalty_range must not be negative", param="penalty_range")
-        if self.grammar is not None:
-            # Every engine's last line of defence; gbnf_grammar holds clients' own GBNF tighter.
-            limits.check_grammar_text(self.grammar, "grammar", limits.MAX_COMPILED_GRAMMAR_BYTES)
 
     @property
     def greedy(self) -> bool:

@@ -1,9 +1,9 @@
-"""Tool calling, dialect-neutral: tool prompt, call grammar, and reading calls out of the output.
+"""Tool calling, dialect-neutral: tool prompt, call constraint, and reading calls out of the output.
 
 A call is the JSON object `{"name": <tool>, "arguments": {...}}` (several: a JSON array of them).
 Templates that render `tools` themselves get them; for the others (ChatML has no tools) a system
 prompt section describes the tools and this format. `required` and a named function constrain
-the whole output with a grammar built from the tools' parameter schemas, so the call always
+the whole output with a constraint built from the tools' parameter schemas, so the call always
 parses; with `auto` the model answers freely and its output counts as a call only if it is one.
 That keeps ordinary answers free of any grammar cost, and a grammar allowing "text or a call"
 would guarantee nothing about the text either.
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from llmserve.core.constraints import check_schema, schema_grammar
+from llmserve.core.constraints import ToolCalls, ToolSchema, canonical_json
 from llmserve.core.errors import InvalidRequestError
 from llmserve.core.limits import check_schema_depth
 
@@ -130,7 +130,7 @@ class ToolPlan:
 
     @property
     def forced(self) -> bool:
-        """The output must be a call, enforced by a grammar."""
+        """The output must be a call, enforced by a constraint."""
         return self.choice in (ToolChoice.REQUIRED, ToolChoice.FUNCTION)
 
     def callable_tools(self) -> tuple[ToolFunction, ...]:
@@ -139,22 +139,23 @@ class ToolPlan:
             return tuple(t for t in self.tools if t.name == self.function)
         return self.tools
 
-    def grammar(self) -> str | None:
-        """GBNF for the call(s) when a call is forced, else None."""
+    def constraint(self) -> ToolCalls | None:
+        """The call(s) the output must be when a call is forced, else None."""
         if not self.forced:
             return None
-        calls: list[dict[str, Any]] = []
-        defs: dict[str, Any] = {}
-        for index, tool in enumerate(self.tools):
-            if tool in self.callable_tools():
-                param = f"tools[{index}].function.parameters"
-                checked = check_schema(tool.parameters or NO_PARAMETERS, param, f"t{index}-")
-                calls.append(_call_schema(tool.name, checked.body))
-                defs |= checked.defs
-        call = calls[0] if len(calls) == 1 else {"anyOf": calls}
-        if self.parallel and self.choice is ToolChoice.REQUIRED:
-            call = {"anyOf": [call, {"type": "array", "items": call, "minItems": 1}]}
-        return schema_grammar(call, defs, "tools")
+        callable_tools = self.callable_tools()
+        return ToolCalls(
+            tools=tuple(
+                ToolSchema(
+                    tool.name,
+                    canonical_json(tool.parameters or NO_PARAMETERS),
+                    f"tools[{index}].function.parameters",
+                )
+                for index, tool in enumerate(self.tools)
+                if tool in callable_tools
+            ),
+            parallel=self.parallel and self.choice is ToolChoice.REQUIRED,
+        )
 
     def instructions(self) -> str:
         """The system prompt section for templates that do not render tools."""
@@ -180,14 +181,6 @@ class ToolPlan:
         if self.choice is ToolChoice.REQUIRED:
             return "You must call a tool now."
         return "If no tool is needed, answer in plain text instead."
-
-
-def _call_schema(name: str, arguments: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        "type": "object",
-        "properties": {"name": {"const": name}, "arguments": arguments},
-        "required": ["name", "arguments"],
-    }
 
 
 # ---- messages for the template ----------------------------------------------------------------

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
 
+from pydantic import BaseModel
+
+from llmserve.core.constraints import ConstraintKind
 from llmserve.core.errors import InvalidRequestError
 from llmserve.core.request import Delta, GenerationRequest
 
@@ -18,6 +22,16 @@ class InvalidModelFileError(InvalidRequestError):
 
 class InvalidEngineSettingError(InvalidRequestError, ValueError):
     """A load setting the engine cannot use: 400 naming the setting (`param`)."""
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What an engine can honour; requests asking for more get a 400 naming the field."""
+
+    constraints: frozenset[ConstraintKind] = frozenset(ConstraintKind)
+    # SamplingParams fields it honours at values other than their defaults; None: all of them.
+    samplers: frozenset[str] | None = None
+    adapters: bool = True  # LoRA adapters through set_adapters
 
 
 @dataclass(frozen=True)
@@ -38,7 +52,8 @@ class ModelInfo:
     add_bos: bool  # the tokenizer adds BOS by itself
     n_params: int
     size_bytes: int
-    description: str  # llama.cpp's one-line model description (arch, size, quantization)
+    description: str  # one line: architecture, size, quantization
+    capabilities: Capabilities = field(default_factory=Capabilities)
 
 
 @dataclass(frozen=True)
@@ -100,4 +115,24 @@ class Engine(Protocol):
 
     async def close(self) -> None:
         """Abort everything, stop the engine thread and free llama.cpp resources."""
+        ...
+
+
+class EngineFactory(Protocol):
+    """One kind of engine: its settings, the files it loads, how it checks and starts them.
+
+    `settings` is an instance of `settings_type`, validated from Settings and a load's
+    overrides; both calls block (the manager runs them in a worker thread).
+    """
+
+    name: str
+    settings_type: type[BaseModel]
+    model_suffixes: tuple[str, ...]  # files in models_dir it can load
+
+    def check(self, settings: Any, path: Path, model_id: str) -> None:
+        """Refuse (4xx) a file or settings the engine cannot load, before loading anything."""
+        ...
+
+    def load(self, settings: Any, path: Path, model_id: str) -> Engine:
+        """A running engine for the model at `path`."""
         ...

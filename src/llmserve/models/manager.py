@@ -14,10 +14,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
 
 from llmserve.config import Settings
 from llmserve.core.continuation import render_continuation
@@ -28,19 +30,16 @@ from llmserve.core.errors import (
     ServiceUnavailableError,
 )
 from llmserve.core.templates import ChatTemplate, load_template, read_template_file
-from llmserve.engines.base import Engine, InvalidModelFileError
+from llmserve.engines.base import Engine, EngineFactory, InvalidEngineSettingError
+from llmserve.engines.registry import EngineRegistry, default_registry
+from llmserve.engines.settings import EngineSettings
 from llmserve.models import leases
 from llmserve.models.defaults import default_model_path
-from llmserve.models.inspect import check_fits, inspect_gguf
 from llmserve.models.leases import LeaseCount
 from llmserve.models.registry import FileEntry, list_files, resolve_file
 
-if TYPE_CHECKING:
-    from llmserve.engines.llamacpp.engine import LlamaCppConfig
-
 log = logging.getLogger(__name__)
 
-GGUF = (".gguf",)
 LOAD_WAIT_SECONDS = 60.0  # how long a request waits for a model that is loading, then 503
 RETIRE_WAIT_SECONDS = 600.0  # how long a swapped-out engine may finish its requests
 DRAIN_POLL_SECONDS = 0.05
@@ -52,32 +51,13 @@ FatalCallback = Callable[[str], None]
 T = TypeVar("T")
 
 
-def _pick(override: T | None, configured: T) -> T:
-    return configured if override is None else override
-
-
-@dataclass(frozen=True)
-class LoadOptions:
-    """Per-load overrides of the engine settings; None keeps the configured value."""
-
-    ctx_size: int | None = None
-    parallel: int | None = None
-    n_gpu_layers: int | None = None
-    flash_attn: bool | None = None
-    cache_type_k: str | None = None
-    cache_type_v: str | None = None
-    use_mmap: bool | None = None
-    rope_freq_base: float | None = None
-    rope_freq_scale: float | None = None
-
-
 @dataclass(frozen=True)
 class LoadSource:
     """Where a loaded model came from, so a dead engine can be loaded again the same way."""
 
     path: Path
     names: tuple[str, ...]
-    options: LoadOptions
+    engine: EngineSettings  # an instance of the chosen engine's own settings model
     template_file: Path | None = None
 
 
@@ -126,8 +106,9 @@ class LoadedModel:
 class ModelManager:
     """Loads, names, swaps and resolves models; the only owner of engines."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, engines: EngineRegistry | None = None):
         self._settings = settings
+        self.engines = engines or default_registry()
         self._models: dict[str, LoadedModel] = {}
         self._lock = asyncio.Lock()
         self._ready = asyncio.Event()
@@ -171,8 +152,11 @@ class ModelManager:
         return list(self._models.values())
 
     def available(self) -> list[FileEntry]:
-        """Every GGUF in the models folder (and one level of sub-folders)."""
-        return list_files(self._settings.models_dir, GGUF)
+        """Every model file of the configured engine in the models folder (and sub-folders)."""
+        return list_files(self._settings.models_dir, self._model_suffixes())
+
+    def _model_suffixes(self) -> tuple[str, ...]:
+        return self.engines.get(self._settings.engine).model_suffixes
 
     def live_engines(self) -> int:
         """Engines not yet closed: serving plus draining (tests bound this)."""
@@ -240,7 +224,7 @@ class ModelManager:
         path = Path(self._settings.model) if self._settings.model else default_model_path()
         names = self._settings.served_model_name or [path.stem]
         template_file = Path(self._settings.chat_template) if self._settings.chat_template else None
-        source = LoadSource(path, tuple(names), LoadOptions(), template_file)
+        source = LoadSource(path, tuple(names), self.engine_settings(), template_file)
         self.loading = source.names[0]  # requests wait for the start-up model, checks included
         try:
             await self._check_file(source)
@@ -254,13 +238,18 @@ class ModelManager:
     async def load_named(
         self,
         name: str,
-        options: LoadOptions | None = None,
+        overrides: Mapping[str, Any] | None = None,
         on_progress: ProgressCallback | None = None,
     ) -> LoadedModel:
-        """Validate and load a model of the models folder, then swap it in for the current one."""
+        """Validate and load a model of the models folder, then swap it in for the current one.
+
+        `overrides` replace configured engine settings for this load (`engine` among them).
+        """
         progress = on_progress or (lambda stage, fraction: None)
-        path = resolve_file(self._settings.models_dir, name, GGUF, "model")
-        source = LoadSource(path, (name,), options or LoadOptions())
+        engine = self.engine_settings(overrides or {})
+        suffixes = self.engines.get(engine.engine).model_suffixes
+        path = resolve_file(self._settings.models_dir, name, suffixes, "model")
+        source = LoadSource(path, (name,), engine)
         progress("validating", 0.1)
         await self._check_file(source)
         progress("loading", 0.3)
@@ -268,14 +257,35 @@ class ModelManager:
         progress("ready", 1.0)
         return model
 
+    def engine_settings(self, overrides: Mapping[str, Any] | None = None) -> EngineSettings:
+        """The configured engine settings with `overrides` on top, as the engine's own model.
+
+        400 naming the field for a value out of range or a setting the engine does not have;
+        names no engine has are ignored (TabbyAPI clients send their backends' own).
+        """
+        overrides = dict(overrides or {})
+        ignored = sorted(set(overrides) - self.engines.setting_names())
+        if ignored:
+            log.info("ignoring load settings no engine has: %s", ", ".join(ignored))
+        overrides = {k: v for k, v in overrides.items() if k not in ignored}
+        factory = self.engines.get(overrides.get("engine", self._settings.engine))
+        fields = factory.settings_type.model_fields
+        foreign = next((name for name in overrides if name not in fields), None)
+        if foreign is not None:
+            raise InvalidEngineSettingError(
+                f"{foreign} is not a setting of the {factory.name} engine", param=foreign
+            )
+        configured = {k: v for k, v in self._settings.engine_options().items() if k in fields}
+        values = {**configured, **overrides, "engine": factory.name}
+        return _validated(factory.settings_type, values)
+
+    def _factory(self, source: LoadSource) -> EngineFactory:
+        return self.engines.get(source.engine.engine)
+
     async def _check_file(self, source: LoadSource) -> None:
-        """The GGUF checks every load gets before llama.cpp sees the file."""
-        summary = await asyncio.to_thread(inspect_gguf, source.path)
-        if summary.kind != "model":
-            raise InvalidModelFileError(f"{source.path.name} is a {summary.kind}, not a model")
-        config = self._engine_config(source.path, source.names[0], source.options)
-        ctx = config.resolve_ctx_size(summary.context_length or 4096)
-        check_fits(summary, ctx * config.resolve_parallel(ctx))
+        """The engine's checks of the file and settings, before it loads anything."""
+        factory = self._factory(source)
+        await asyncio.to_thread(factory.check, source.engine, source.path, source.names[0])
 
     async def _load(self, source: LoadSource) -> LoadedModel:
         """Load and swap in; the load goes on (and registers) even if the caller is cancelled."""
@@ -294,13 +304,12 @@ class ModelManager:
 
     async def _start_engine(self, source: LoadSource) -> tuple[Engine, ChatTemplate]:
         """A running engine for `source` and its chat template (the caller holds the lock)."""
-        # Imported here so the HTTP layer (and its fake-engine tests) loads without llama.cpp.
-        from llmserve.engines.llamacpp.engine import LlamaCppEngine
-
-        config = self._engine_config(source.path, source.names[0], source.options)
+        factory = self._factory(source)
         self.loading = source.names[0]
         try:
-            engine = await asyncio.to_thread(LlamaCppEngine.load, config)
+            engine = await asyncio.to_thread(
+                factory.load, source.engine, source.path, source.names[0]
+            )
             try:
                 return engine, self._template(engine, source.template_file)
             except Exception:
@@ -453,31 +462,6 @@ class ModelManager:
 
     # ---- helpers ----
 
-    def _engine_config(self, path: Path, model_id: str, options: LoadOptions) -> LlamaCppConfig:
-        """The engine settings: the configured ones, overridden by the load's options."""
-        from llmserve.engines.llamacpp.engine import LlamaCppConfig
-
-        s = self._settings
-        pick = _pick
-        return LlamaCppConfig(
-            model_path=str(path),
-            model_id=model_id,
-            ctx_size=pick(options.ctx_size, s.ctx_size),
-            parallel=pick(options.parallel, s.parallel),
-            prefill_chunk=s.prefill_chunk,
-            kv_unified=s.kv_unified,
-            n_threads=s.threads,
-            n_threads_batch=s.threads_batch,
-            max_queue=s.max_queue,
-            n_gpu_layers=pick(options.n_gpu_layers, s.n_gpu_layers),
-            flash_attn=pick(options.flash_attn, s.flash_attn),
-            use_mmap=pick(options.use_mmap, s.use_mmap),
-            cache_type_k=pick(options.cache_type_k, s.cache_type_k),
-            cache_type_v=pick(options.cache_type_v, s.cache_type_v),
-            rope_freq_base=pick(options.rope_freq_base, s.rope_freq_base),
-            rope_freq_scale=pick(options.rope_freq_scale, s.rope_freq_scale),
-        )
-
     @staticmethod
     def _template(engine: Engine, template_file: Path | None) -> ChatTemplate:
         info = engine.info
@@ -487,6 +471,18 @@ class ModelManager:
                 source, f"file:{template_file.name}", info.bos_token, info.eos_token
             )
         return load_template(info.chat_template, "gguf", info.bos_token, info.eos_token)
+
+
+def _validated(model: type[BaseModel], values: Mapping[str, Any]) -> EngineSettings:
+    """`values` as an instance of the engine's settings `model`; 400 naming the first bad one."""
+    try:
+        settings = model.model_validate(values)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        param = ".".join(str(part) for part in error["loc"]) or None
+        raise InvalidEngineSettingError(f"{param}: {error['msg']}", param=param) from None
+    assert isinstance(settings, EngineSettings)
+    return settings
 
 
 def _in_use(model: LoadedModel) -> bool:

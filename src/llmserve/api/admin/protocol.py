@@ -4,26 +4,32 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
-from llmserve.api.openai.protocol import ChatMessage, continues_final_message
+from llmserve.api.common import ChatMessage, continues_final_message
 from llmserve.api.overrides import OverrideValue
 
 
 class ModelLoadRequest(BaseModel):
-    """POST /v1/model/load."""
+    """POST /v1/model/load: a model of the models folder, and engine settings for this load.
+
+    Any engine setting (`engine`, `ctx_size`, `parallel`, `n_gpu_layers`, ... as in config.yml)
+    may be given; the chosen engine validates them. Fields no engine has are ignored (the
+    manager logs them), as TabbyAPI clients send settings of its own backends.
+    """
+
+    model_config = ConfigDict(extra="allow")
 
     model_name: str = Field(min_length=1)
-    max_seq_len: int | None = Field(None, ge=16, description="Context per sequence.")
-    parallel: int | None = Field(None, ge=1, le=256)
-    n_gpu_layers: int | None = Field(None, ge=0)
-    flash_attn: bool | None = None
-    cache_type_k: str | None = None
-    cache_type_v: str | None = None
-    use_mmap: bool | None = None
-    rope_freq_base: float | None = Field(None, ge=0, allow_inf_nan=False)
-    rope_freq_scale: float | None = Field(None, ge=0, allow_inf_nan=False)
+    max_seq_len: int | None = Field(None, description="TabbyAPI's name for ctx_size.")
     stream: bool = False
+
+    def engine_overrides(self) -> dict[str, Any]:
+        """The engine settings this load asks for, by their config names."""
+        overrides = dict(self.model_extra or {})
+        if self.max_seq_len is not None:
+            overrides.setdefault("ctx_size", self.max_seq_len)
+        return overrides
 
 
 class ModelLoadProgress(BaseModel):

@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import ValidationError
@@ -31,13 +32,13 @@ from llmserve.api.admin.protocol import (
     TokenizeResponse,
     TokenizerInfo,
 )
-from llmserve.api.openai.protocol import ChatMessage
+from llmserve.api.common import ChatMessage
 from llmserve.api.overrides import OverrideValue, SamplingOverrides
 from llmserve.config import Settings
 from llmserve.core.errors import InvalidRequestError, LLMServeError
 from llmserve.core.templates import read_template_file
 from llmserve.engines.base import AdapterSpec
-from llmserve.models.manager import LoadedModel, LoadOptions, ModelManager
+from llmserve.models.manager import LoadedModel, ModelManager
 from llmserve.models.registry import list_files, resolve_file
 
 TEMPLATE_SUFFIXES = (".jinja", ".j2", ".txt")
@@ -82,7 +83,7 @@ class AdminServing:
 
     async def load_model(self, body: ModelLoadRequest) -> StatusResponse:
         """Load and swap in a model; the previous one serves until the new one is ready."""
-        await self.models.load_named(body.model_name, _load_options(body))
+        await self.models.load_named(body.model_name, body.engine_overrides())
         self.loras.scales.clear()
         return StatusResponse(status="loaded", detail=body.model_name)
 
@@ -92,7 +93,9 @@ class AdminServing:
 
         def report(stage: str, fraction: float) -> None:
             module = LOAD_STAGES.index(stage) + 1 if stage in LOAD_STAGES else 0
-            status = "finished" if stage == "ready" else "processing"
+            status: Literal["processing", "finished"] = (
+                "finished" if stage == "ready" else "processing"
+            )
             queue.put_nowait(
                 ModelLoadProgress(
                     module=module,
@@ -104,7 +107,7 @@ class AdminServing:
             )
 
         task = asyncio.create_task(
-            self.models.load_named(body.model_name, _load_options(body), report)
+            self.models.load_named(body.model_name, body.engine_overrides(), report)
         )
         first = await _next_event(queue, task)  # a bad name or file fails here, as a 4xx
         return _progress_events(first, queue, task)
@@ -248,20 +251,6 @@ class AdminServing:
             model_max_length=info.context_length,
             vocab_size=info.vocab_size,
         )
-
-
-def _load_options(body: ModelLoadRequest) -> LoadOptions:
-    return LoadOptions(
-        ctx_size=body.max_seq_len,
-        parallel=body.parallel,
-        n_gpu_layers=body.n_gpu_layers,
-        flash_attn=body.flash_attn,
-        cache_type_k=body.cache_type_k,
-        cache_type_v=body.cache_type_v,
-        use_mmap=body.use_mmap,
-        rope_freq_base=body.rope_freq_base,
-        rope_freq_scale=body.rope_freq_scale,
-    )
 
 
 async def _next_event(

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from fastapi.responses import JSONResponse
 from sse_starlette import ServerSentEvent
 
+from llmserve.api.common import new_id
 from llmserve.api.errors import retry_headers
 from llmserve.api.kobold.protocol import (
     DEFAULT_MAX_LENGTH,
@@ -49,10 +50,9 @@ from llmserve.api.kobold.protocol import (
     ResultValue,
     TokenCountResponse,
 )
-from llmserve.api.openai.protocol import new_id
 from llmserve.api.overrides import SamplingOverrides
 from llmserve.api.sampling import dialect_params
-from llmserve.core.constraints import gbnf_grammar
+from llmserve.core.constraints import Grammar
 from llmserve.core.errors import (
     ContextLengthExceededError,
     InvalidRequestError,
@@ -395,7 +395,7 @@ def _prepare(model: LoadedModel, body: KoboldGenerateRequest) -> tuple[list[int]
     prompt_ids = _prompt_ids(engine, body, context, max_length)
     banned = _banned_ids(engine, body.banned_tokens)
     params = body.sampling_params(n=1, banned_ids=banned)
-    return prompt_ids, dataclasses.replace(params, grammar=gbnf_grammar(body.grammar))
+    return prompt_ids, dataclasses.replace(params, constraint=Grammar.of(body.grammar))
 
 
 def _prompt_ids(

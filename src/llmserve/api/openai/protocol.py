@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-import uuid
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -17,6 +15,11 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from llmserve import __version__
+from llmserve.api.common import (
+    ChatMessage,
+    ToolCall,
+    continues_final_message,
+)
 from llmserve.api.sampling import SamplerFields
 from llmserve.core import constraints
 from llmserve.core.errors import InvalidRequestError
@@ -25,16 +28,6 @@ from llmserve.core.tools import ToolChoice, ToolFunction, ToolPlan
 TokenIds = list[Annotated[int, Field(ge=0, le=2**31 - 1)]]  # llama_token is int32
 # OpenAI's schema wants a string here; ours names the server build.
 SYSTEM_FINGERPRINT = f"fp_llmserve_{__version__}"
-
-
-def new_id(prefix: str) -> str:
-    """A unique response id such as `chatcmpl-3f2a...`."""
-    return f"{prefix}-{uuid.uuid4().hex}"
-
-
-def now() -> int:
-    """Unix time in seconds, OpenAI's `created`."""
-    return int(time.time())
 
 
 class StreamOptions(BaseModel):
@@ -65,8 +58,8 @@ class ResponseFormat(BaseModel):
     # llama.cpp's server takes {"type": "json_object", "schema": {...}}.
     schema_: dict[str, Any] | None = Field(None, alias="schema")
 
-    def grammar(self) -> str | None:
-        """The GBNF grammar this format asks for (None for text)."""
+    def constraint(self) -> constraints.Constraint | None:
+        """The constraint this format asks for (None for text)."""
         if self.type == "text":
             return None
         if self.type == "json_schema":
@@ -80,8 +73,8 @@ class ResponseFormat(BaseModel):
         else:
             schema, param = self.schema_, "response_format.schema"
         if schema is None:
-            return constraints.json_object_grammar()
-        return constraints.json_schema_grammar(schema, param)
+            return constraints.JsonObject()
+        return constraints.JsonSchema.of(schema, param)
 
 
 class StructuredOutputFields(BaseModel):
@@ -97,8 +90,8 @@ class StructuredOutputFields(BaseModel):
     json_schema: dict[str, Any] | None = None
     regex_pattern: str | None = None
 
-    def constraint_grammar(self) -> str | None:
-        """The GBNF grammar the request's constraint field asks for, or None."""
+    def output_constraint(self) -> constraints.Constraint | None:
+        """The constraint the request's constraint field asks for, or None."""
         given = [name for name in CONSTRAINT_FIELDS if getattr(self, name) is not None]
         if self.response_format is not None and self.response_format.type == "text":
             given.remove("response_format")
@@ -106,20 +99,20 @@ class StructuredOutputFields(BaseModel):
             raise InvalidRequestError(
                 f"give at most one output constraint; got {', '.join(given)}", param=given[1]
             )
-        return self._grammar_of(given[0]) if given else None
+        return self._constraint_of(given[0]) if given else None
 
-    def _grammar_of(self, name: str) -> str | None:
+    def _constraint_of(self, name: str) -> constraints.Constraint | None:
         value = getattr(self, name)
         if name == "response_format":
-            grammar: str | None = value.grammar()
-            return grammar
+            constraint: constraints.Constraint | None = value.constraint()
+            return constraint
         if name in ("guided_json", "json_schema"):
-            return constraints.json_schema_grammar(value, name)
+            return constraints.JsonSchema.of(value, name)
         if name in ("guided_regex", "regex_pattern"):
-            return constraints.regex_grammar(value, name)
+            return constraints.Regex(value, name)
         if name == "guided_choice":
-            return constraints.choice_grammar(value, name)
-        return constraints.gbnf_grammar(value, name)
+            return constraints.Choice(tuple(value), name)
+        return constraints.Grammar.of(value, name)
 
 
 CONSTRAINT_FIELDS = tuple(StructuredOutputFields.model_fields)
@@ -147,50 +140,8 @@ class CompletionRequest(SamplerFields, StructuredOutputFields):
         if not p:
             return []
         if isinstance(p[0], int):
-            return [p]  # type: ignore[list-item]
-        return p  # type: ignore[return-value]
-
-
-class TextPart(BaseModel):
-    """A text part of a message whose content is a list of parts."""
-
-    type: Literal["text"]
-    text: str
-
-
-class FunctionCall(BaseModel):
-    """A function call inside an assistant message's `tool_calls`."""
-
-    name: str
-    arguments: str
-
-
-class ToolCall(BaseModel):
-    """An assistant's tool call, in OpenAI's shape."""
-
-    id: str
-    type: Literal["function"] = "function"
-    function: FunctionCall
-
-
-class ChatMessage(BaseModel):
-    """One message of a chat request."""
-
-    model_config = ConfigDict(extra="allow")
-
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
-    tool_calls: list[ToolCall] | None = None
-    tool_call_id: str | None = None
-
-    def text(self) -> str:
-        """The content as one string: text parts joined by newlines, as vLLM and llama.cpp do."""
-        if self.content is None:
-            return ""
-        if isinstance(self.content, str):
-            return self.content
-        return "\n".join(part.text for part in self.content)
+            return [p]
+        return p
 
 
 class FunctionDefinition(BaseModel):
@@ -480,52 +431,3 @@ class ModelList(BaseModel):
 
     object: Literal["list"] = "list"
     data: list[ModelCard]
-
-
-class ErrorInfo(BaseModel):
-    """The body of an OpenAI error."""
-
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    """OpenAI's error shape: {"error": {...}}."""
-
-    error: ErrorInfo
-
-
-def continues_final_message(
-    messages: list[ChatMessage],
-    continue_final: bool | None,
-    add_generation_prompt: bool | None,
-    *,
-    explicit_prompt: bool,
-) -> bool:
-    """Whether a chat prompt ends inside its final assistant message (chat and /tokenize).
-
-    As llama.cpp's server, a trailing assistant message is continued unless the request says
-    otherwise (`continue_final_message: false` or an explicit `add_generation_prompt`);
-    vLLM's `continue_final_message: true` asks for it outright.
-    """
-    if not messages:
-        return False
-    last = messages[-1]
-    if continue_final is None:
-        return last.role == "assistant" and not last.tool_calls and not explicit_prompt
-    if not continue_final:
-        return False
-    if explicit_prompt and add_generation_prompt:
-        raise InvalidRequestError(
-            "`continue_final_message` and `add_generation_prompt` cannot both be true",
-            param="continue_final_message",
-        )
-    if last.role != "assistant" or last.tool_calls:
-        raise InvalidRequestError(
-            "`continue_final_message` needs the last message to be an assistant message "
-            "with text (no tool_calls) to continue",
-            param="continue_final_message",
-        )
-    return True

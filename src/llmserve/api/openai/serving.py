@@ -7,9 +7,7 @@ import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 
-from fastapi.responses import JSONResponse
-
-from llmserve.api.errors import retry_headers
+from llmserve.api.common import FunctionCall, ToolCall, error_body, new_id, now
 from llmserve.api.openai.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -25,22 +23,17 @@ from llmserve.api.openai.protocol import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
-    ErrorInfo,
-    ErrorResponse,
-    FunctionCall,
     FunctionCallChunk,
     ModelCard,
     ModelList,
     PromptTokensDetails,
-    ToolCall,
     ToolCallChunk,
     UsageInfo,
-    new_id,
-    now,
 )
 from llmserve.api.overrides import SamplingOverrides
 from llmserve.api.sampling import dialect_params
 from llmserve.core import tools as toolcalls
+from llmserve.core.constraints import Constraint
 from llmserve.core.errors import InvalidRequestError, LLMServeError
 from llmserve.core.request import Delta, GenerationRequest, TokenLogprob, Usage
 from llmserve.core.streams import IndexedDelta, open_streams
@@ -50,20 +43,6 @@ DONE = "[DONE]"
 TOOL_CALLS = "tool_calls"  # the finish_reason of a choice that ends in tool calls
 # Engine field names in errors, as the completions request spells them.
 COMPLETION_PARAMS = {"banned_token_ids": "banned_tokens"}
-
-
-def error_body(exc: LLMServeError) -> ErrorResponse:
-    """An LLMServeError in OpenAI's error shape."""
-    return ErrorResponse(
-        error=ErrorInfo(message=exc.message, type=exc.type, param=exc.param, code=exc.code)
-    )
-
-
-def openai_error_response(exc: LLMServeError) -> JSONResponse:
-    """An error as an OpenAI JSON response with its status (and Retry-After when useful)."""
-    return JSONResponse(
-        error_body(exc).model_dump(), status_code=exc.status, headers=retry_headers(exc)
-    )
 
 
 def usage_info(usage: Usage) -> UsageInfo:
@@ -163,7 +142,7 @@ class OpenAIServing:
             logprobs=body.logprobs,
             prompt_logprobs=body.logprobs if body.echo and body.logprobs is not None else None,
         )
-        params = replace(params, grammar=await asyncio.to_thread(body.constraint_grammar))
+        params = replace(params, constraint=body.output_constraint())
         request_id = new_id("cmpl")
         with dialect_params(COMPLETION_PARAMS):
             streams = [
@@ -205,13 +184,13 @@ class OpenAIServing:
         continues = body.continues_final_message()
         model = await self.models.acquire(body.model)
         plan = body.tool_plan()
-        prompt_ids, grammar = await asyncio.to_thread(
+        prompt_ids, constraint = await asyncio.to_thread(
             self._prepare_chat, model, body, plan, continues
         )
         n = body.n or 1
         top = (body.top_logprobs or 0) if body.logprobs else None
         params = body.sampling_params(n=n, logprobs=top)
-        params = replace(params, grammar=grammar)
+        params = replace(params, constraint=constraint)
         request_id = new_id("chatcmpl")
         with dialect_params(_chat_params(body)):
             deltas = await open_streams(
@@ -229,11 +208,11 @@ class OpenAIServing:
         body: ChatCompletionRequest,
         plan: toolcalls.ToolPlan | None,
         continues: bool,
-    ) -> tuple[list[int], str | None]:
-        """The prompt's token ids and the grammar (in a worker thread: both take time)."""
-        grammar = body.constraint_grammar()
-        tool_grammar = plan.grammar() if plan is not None else None
-        if grammar is not None and tool_grammar is not None:
+    ) -> tuple[list[int], Constraint | None]:
+        """The prompt's token ids and the output constraint (a worker thread: rendering is slow)."""
+        constraint = body.output_constraint()
+        tool_constraint = plan.constraint() if plan is not None else None
+        if constraint is not None and tool_constraint is not None:
             raise InvalidRequestError(
                 "a forced tool call and an output constraint cannot be combined",
                 param="tool_choice",
@@ -247,7 +226,7 @@ class OpenAIServing:
             tools=toolcalls.template_tools(plan) if native else None,
             continue_final=continues,
         )
-        return prompt_ids, grammar or tool_grammar
+        return prompt_ids, constraint or tool_constraint
 
 
 def _chat_params(body: ChatCompletionRequest) -> dict[str, str]:

@@ -13,7 +13,7 @@ from pydantic import (
     model_serializer,
 )
 
-from llmserve.api.openai.protocol import ErrorInfo
+from llmserve.api.common import ErrorInfo
 from llmserve.api.sampling import SamplerFields
 
 DEFAULT_MAX_TOKENS = 128  # the legacy `together` SDK's default

@@ -7,8 +7,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from llmserve.api.openai.protocol import new_id
-from llmserve.api.openai.serving import openai_error_response
+from llmserve.api.common import error_response, new_id
 from llmserve.api.overrides import SamplingOverrides
 from llmserve.api.sampling import dialect_params
 from llmserve.api.together.protocol import (
@@ -35,7 +34,7 @@ TOGETHER_PARAMS = {"banned_token_ids": "banned_tokens"}
 
 
 # Together's API answers errors in OpenAI's {"error": {...}} shape, statuses included.
-together_error_response = openai_error_response
+together_error_response = error_response
 
 
 def finish_reason(delta: Delta) -> TogetherFinishReason | None:

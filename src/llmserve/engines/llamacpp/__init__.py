@@ -1,5 +1,5 @@
-"""The default engine: llama.cpp through llama-cpp-python's low-level API, continuous batching."""
+"""The default engine: llama.cpp through llama-cpp-python's low-level API, continuous batching.
 
-from llmserve.engines.llamacpp.engine import LlamaCppConfig, LlamaCppEngine
-
-__all__ = ["LlamaCppConfig", "LlamaCppEngine"]
+Importing this package loads nothing of llama.cpp: its settings, config and factory are read by
+the server before any engine runs; `engine` (and what it imports) is the part that needs it.
+"""

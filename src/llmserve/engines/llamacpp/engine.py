@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
-import math
 import os
 import threading
 import time
@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 
+from llmserve.core.constraints import Constraint
 from llmserve.core.errors import (
     ContextLengthExceededError,
     EngineError,
@@ -29,93 +30,19 @@ from llmserve.core.errors import (
     ServiceUnavailableError,
 )
 from llmserve.core.request import Delta, GenerationRequest
-from llmserve.engines.base import AdapterSpec, EngineStats, InvalidEngineSettingError, ModelInfo
+from llmserve.engines.base import AdapterSpec, EngineStats, ModelInfo
 from llmserve.engines.llamacpp.adapters import AdapterFile, check_adapters
 from llmserve.engines.llamacpp.batch import TokenBatch
-from llmserve.engines.llamacpp.model import KV_CACHE_TYPES, ContextSettings, LlamaModel
+from llmserve.engines.llamacpp.config import LlamaCppConfig
+from llmserve.engines.llamacpp.grammar import compile_constraint
+from llmserve.engines.llamacpp.model import ContextSettings, LlamaModel
 from llmserve.engines.llamacpp.runner import StepRunner
 from llmserve.engines.llamacpp.sampling import check_grammar
 from llmserve.engines.llamacpp.scheduler import RequestGroup, Scheduler
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_CTX = 4096  # per-sequence context when the config leaves it to the model
-KV_TOKEN_BUDGET = 32768  # total KV cells the default `parallel` aims for
-MAX_DEFAULT_PARALLEL = 16
-
-
-@dataclass(frozen=True)
-class LlamaCppConfig:
-    """How to load a GGUF model and run it; None means "work it out from the model/machine"."""
-
-    model_path: str
-    model_id: str
-    ctx_size: int | None = None  # per sequence; None: min(training context, 4096)
-    parallel: int | None = None  # max running sequences; None: sized from ctx_size
-    prefill_chunk: int = 512  # prompt tokens per step, so long prompts cannot stall decoding
-    n_threads: int | None = None  # None: os.cpu_count()
-    n_threads_batch: int | None = None  # None: os.cpu_count()
-    max_queue: int | None = None  # requests waiting for a slot; None: unbounded
-    n_gpu_layers: int = 0
-    flash_attn: bool | None = None  # None: llama.cpp decides
-    use_mmap: bool = True
-    cache_type_k: str | None = None  # e.g. "f16", "q8_0"; None: llama.cpp's default
-    cache_type_v: str | None = None
-    rope_freq_base: float | None = None  # None (or 0): the model's RoPE base frequency
-    rope_freq_scale: float | None = None  # None (or 0): the model's; 0.5 stretches context 2x
-    # One KV buffer for all slots, or one stream per slot (False). Separate streams were ~20%
-    # faster at 32 sequences here: attention then spans a slot's own cells, not every slot's.
-    kv_unified: bool = False
-    # Let llama.cpp repack weights for CPU-specific kernels (AMX, ...) at load. Off by default:
-    # in VMs that advertise AMX without enabling it, the first llama_decode segfaults.
-    cpu_repack: bool = False
-
-    def __post_init__(self) -> None:
-        positive = {
-            "ctx_size": self.ctx_size,
-            "parallel": self.parallel,
-            "prefill_chunk": self.prefill_chunk,
-            "n_threads": self.n_threads,
-            "n_threads_batch": self.n_threads_batch,
-        }
-        for name, value in positive.items():
-            if value is not None and value < 1:
-                raise InvalidEngineSettingError(
-                    f"{name} must be at least 1, got {value}", param=name
-                )
-        if self.max_queue is not None and self.max_queue < 0:
-            raise InvalidEngineSettingError(
-                f"max_queue must not be negative, got {self.max_queue}", param="max_queue"
-            )
-        for name, cache_type in (
-            ("cache_type_k", self.cache_type_k),
-            ("cache_type_v", self.cache_type_v),
-        ):
-            if cache_type is not None and cache_type not in KV_CACHE_TYPES:
-                raise InvalidEngineSettingError(
-                    f"{name} must be one of {sorted(KV_CACHE_TYPES)}, got {cache_type!r}",
-                    param=name,
-                )
-        for name, rope in (
-            ("rope_freq_base", self.rope_freq_base),
-            ("rope_freq_scale", self.rope_freq_scale),
-        ):
-            if rope is not None and not (math.isfinite(rope) and rope >= 0):
-                raise InvalidEngineSettingError(
-                    f"{name} must be a finite number >= 0, got {rope}", param=name
-                )
-
-    def resolve_ctx_size(self, n_ctx_train: int) -> int:
-        """Per-sequence context: the configured one, else the model's capped at 4096."""
-        if self.ctx_size is not None:
-            return self.ctx_size
-        return max(1, min(n_ctx_train, DEFAULT_MAX_CTX))
-
-    def resolve_parallel(self, ctx_size: int) -> int:
-        """Running sequences: the configured number, else as many as ~32k KV cells allow."""
-        if self.parallel is not None:
-            return self.parallel
-        return max(1, min(MAX_DEFAULT_PARALLEL, KV_TOKEN_BUDGET // ctx_size))
+GRAMMAR_CACHE_SIZE = 32  # compiled constraints kept per engine
 
 
 @dataclass(eq=False)
@@ -185,6 +112,8 @@ class LlamaCppEngine:
         self._model = model
         self._use = ModelUse(config.model_id)
         self._adapter_target = model.adapter_target()
+        # Clients repeat their schemas: compiling one can take longer than a short answer.
+        self._grammars = functools.lru_cache(maxsize=GRAMMAR_CACHE_SIZE)(self._compile_checked)
         self._runner = runner
         self._cond = threading.Condition()
         self._inbox: list[RequestGroup] = []
@@ -364,14 +293,20 @@ class LlamaCppEngine:
 
     # -- the asyncio bridge ----------------------------------------------------------------
 
-    def _check_grammar(self, grammar: str) -> None:
-        """Let llama.cpp parse the grammar (a worker thread: large grammars take time)."""
+    def _grammar(self, constraint: Constraint) -> str:
+        """GBNF for `constraint`, parsed once by llama.cpp (a worker thread: this takes time)."""
         with self._use():
-            check_grammar(self._model.vocab, grammar)
+            return self._grammars(constraint)
+
+    def _compile_checked(self, constraint: Constraint) -> str:
+        grammar = compile_constraint(constraint)
+        check_grammar(self._model.vocab, grammar, constraint.param)
+        return grammar
 
     async def _stream(self, req: GenerationRequest, max_new_tokens: int) -> AsyncIterator[Delta]:
-        if req.params.grammar is not None:  # before any delta, so a bad grammar is still a 400
-            await asyncio.to_thread(self._check_grammar, req.params.grammar)
+        grammar = None
+        if req.params.constraint is not None:  # before any delta, so a bad one is still a 400
+            grammar = await asyncio.to_thread(self._grammar, req.params.constraint)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Delta | Exception] = asyncio.Queue()
         group: RequestGroup | None = None
@@ -383,7 +318,9 @@ class LlamaCppEngine:
                 if group is not None:
                     self._abort_group(group)
 
-        group = RequestGroup(request=req, deliver=deliver, max_new_tokens=max_new_tokens)
+        group = RequestGroup(
+            request=req, deliver=deliver, max_new_tokens=max_new_tokens, grammar=grammar
+        )
         self._submit(group)
         done = False
         try:
@@ -546,17 +483,12 @@ def _prepare_runner(config: LlamaCppConfig, model: LlamaModel) -> tuple[ModelInf
     cpus = os.cpu_count() or 1
     model.create_context(
         ContextSettings(
+            config=config,
             n_ctx=parallel * ctx_size,
             n_seq_max=parallel,
             n_batch=batch_capacity,
             n_threads=config.n_threads or cpus,
             n_threads_batch=config.n_threads_batch or cpus,
-            flash_attn=config.flash_attn,
-            cache_type_k=config.cache_type_k,
-            cache_type_v=config.cache_type_v,
-            kv_unified=config.kv_unified,
-            rope_freq_base=config.rope_freq_base,
-            rope_freq_scale=config.rope_freq_scale,
         )
     )
     info = model.describe(config.model_id, ctx_size)

@@ -14,6 +14,7 @@ import numpy as np
 from llmserve.core.errors import EngineError
 from llmserve.engines.base import InvalidEngineSettingError, InvalidModelFileError, ModelInfo
 from llmserve.engines.llamacpp.adapters import AdapterTarget, LoraAdapters
+from llmserve.engines.llamacpp.config import KV_CACHE_TYPE_NAMES, LlamaCppConfig
 from llmserve.engines.llamacpp.sampling import FloatRow
 
 DESC_BUFFER = 256
@@ -31,23 +32,19 @@ KV_CACHE_TYPES = {
     "q5_1": llama_cpp.GGML_TYPE_Q5_1,
     "iq4_nl": llama_cpp.GGML_TYPE_IQ4_NL,
 }
+assert set(KV_CACHE_TYPES) == KV_CACHE_TYPE_NAMES  # the config checks names against these
 
 
 @dataclass(frozen=True)
 class ContextSettings:
     """How to size and run the llama.cpp context (already resolved: no None means 'auto')."""
 
+    config: LlamaCppConfig  # flash attention, KV cache types and layout, RoPE: as configured
     n_ctx: int  # all slots together
     n_seq_max: int
     n_batch: int
     n_threads: int
     n_threads_batch: int
-    flash_attn: bool | None
-    cache_type_k: str | None
-    cache_type_v: str | None
-    kv_unified: bool
-    rope_freq_base: float | None = None  # None: the model's
-    rope_freq_scale: float | None = None
 
 
 llama_logger = logging.getLogger("llmserve.llama_cpp")
@@ -131,23 +128,24 @@ class LlamaModel:
         params.n_outputs_max_per_seq = settings.n_batch
         params.n_threads = settings.n_threads
         params.n_threads_batch = settings.n_threads_batch
-        params.flash_attn_type = _flash_attn_type(settings.flash_attn)
-        if settings.cache_type_k is not None:
-            params.type_k = KV_CACHE_TYPES[settings.cache_type_k]
-        if settings.cache_type_v is not None:
-            params.type_v = KV_CACHE_TYPES[settings.cache_type_v]
-        params.kv_unified = settings.kv_unified
-        if settings.rope_freq_base is not None:
-            params.rope_freq_base = settings.rope_freq_base
-        if settings.rope_freq_scale is not None:
-            params.rope_freq_scale = settings.rope_freq_scale
+        config = settings.config
+        params.flash_attn_type = _flash_attn_type(config.flash_attn)
+        if config.cache_type_k is not None:
+            params.type_k = KV_CACHE_TYPES[config.cache_type_k]
+        if config.cache_type_v is not None:
+            params.type_v = KV_CACHE_TYPES[config.cache_type_v]
+        params.kv_unified = config.kv_unified
+        if config.rope_freq_base is not None:
+            params.rope_freq_base = config.rope_freq_base
+        if config.rope_freq_scale is not None:
+            params.rope_freq_scale = config.rope_freq_scale
         params.no_perf = True
         ctx = llama_cpp.llama_init_from_model(self.model, params)
         if not ctx:
             raise _context_error(settings)
         self.ctx = ctx
         self.memory = llama_cpp.llama_get_memory(ctx)
-        self.kv_unified = settings.kv_unified
+        self.kv_unified = config.kv_unified
 
     # -- KvMemory --------------------------------------------------------------------------
 
@@ -300,7 +298,7 @@ def _context_error(settings: ContextSettings) -> Exception:
     message = f"llama.cpp could not create a context of {settings.n_ctx} tokens"
     # Quantized caches need kernels (flash attention for V) the backend may not have.
     for name in ("cache_type_v", "cache_type_k"):
-        value = getattr(settings, name)
+        value = getattr(settings.config, name)
         if value is not None:
             return InvalidEngineSettingError(
                 f"{message} with {name}={value!r}; try another cache type or flash_attn",

@@ -121,6 +121,7 @@ class StepRunner:
             for seq in group.sequences:
                 seq.sampler = build_sampler_chain(
                     params,
+                    group.grammar,
                     self.model.vocab,
                     self.model.n_vocab,
                     self.scheduler.ctx_size,
@@ -237,7 +238,7 @@ class StepRunner:
         early = len(seq.generated) < params.min_tokens
         banned: list[int] = []
         # A grammar decides itself when it may end; forbidding EOG there would break it.
-        if (params.ignore_eos or early) and params.grammar is None:
+        if (params.ignore_eos or early) and seq.group.grammar is None:
             banned.extend(self.eog_ids)
         if early:
             banned.extend(params.stop_token_ids)

@@ -133,19 +133,24 @@ class SamplerChain:
             self._grammar = None
 
 
-def check_grammar(vocab: Any, grammar: str) -> None:
-    """Raise InvalidRequestError when llama.cpp cannot parse the GBNF `grammar`."""
-    sampler = _grammar_sampler(vocab, grammar)
+def check_grammar(vocab: Any, grammar: str, param: str = "grammar") -> None:
+    """Raise InvalidRequestError (naming `param`) when llama.cpp cannot parse `grammar`."""
+    sampler = _grammar_sampler(vocab, grammar, param)
     llama_cpp.llama_sampler_free(sampler)
 
 
 def build_sampler_chain(
-    params: SamplingParams, vocab: Any, n_vocab: int, ctx_size: int, seed: int
+    params: SamplingParams,
+    grammar_text: str | None,
+    vocab: Any,
+    n_vocab: int,
+    ctx_size: int,
+    seed: int,
 ) -> SamplerChain:
     """Build the chain for one sequence: bias, penalties, truncation, the pick; grammar aside."""
     parts: list[Any] = []
     history: list[Any] = []
-    grammar = None if params.grammar is None else _grammar_sampler(vocab, params.grammar)
+    grammar = None if grammar_text is None else _grammar_sampler(vocab, grammar_text)
     try:
         bias = _logit_bias_sampler(params, n_vocab)
         if bias is not None:
@@ -163,11 +168,11 @@ def build_sampler_chain(
     return SamplerChain(chain, history, grammar, n_vocab)
 
 
-def _grammar_sampler(vocab: Any, grammar: str) -> Any:
+def _grammar_sampler(vocab: Any, grammar: str, param: str = "grammar") -> Any:
     sampler = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
     if not sampler:
         raise InvalidRequestError(
-            "the grammar is not valid GBNF", param="grammar", code=GRAMMAR_ERROR_CODE
+            f"{param}: the grammar is not valid GBNF", param=param, code=GRAMMAR_ERROR_CODE
         )
     return sampler
 

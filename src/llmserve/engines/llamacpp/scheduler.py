@@ -107,6 +107,7 @@ class RequestGroup:
     request: GenerationRequest
     deliver: Callable[[Delta | Exception], None]
     max_new_tokens: int
+    grammar: str | None = None  # the request's constraint compiled to GBNF
     sequences: list[Sequence] = field(default_factory=list)
     cached_tokens: int = 0
     prompt_logprobs: list[TokenLogprob | None] | None = None

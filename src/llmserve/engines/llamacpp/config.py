@@ -1,0 +1,114 @@
+"""LlamaCppConfig: everything the llama.cpp engine is told, built from its settings in one place."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from llmserve.engines.base import InvalidEngineSettingError
+from llmserve.engines.llamacpp.settings import LlamaCppSettings
+
+DEFAULT_MAX_CTX = 4096  # per-sequence context when the config leaves it to the model
+KV_TOKEN_BUDGET = 32768  # total KV cells the default `parallel` aims for
+MAX_DEFAULT_PARALLEL = 16
+# llama.cpp's KV cache element types by name (model.py maps them onto ggml's enum).
+KV_CACHE_TYPE_NAMES = frozenset(
+    {"f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"}
+)
+
+
+@dataclass(frozen=True)
+class LlamaCppConfig:
+    """How to load a GGUF model and run it; None means "work it out from the model/machine"."""
+
+    model_path: str
+    model_id: str
+    ctx_size: int | None = None  # per sequence; None: min(training context, 4096)
+    parallel: int | None = None  # max running sequences; None: sized from ctx_size
+    prefill_chunk: int = 512  # prompt tokens per step, so long prompts cannot stall decoding
+    n_threads: int | None = None  # None: os.cpu_count()
+    n_threads_batch: int | None = None  # None: os.cpu_count()
+    max_queue: int | None = None  # requests waiting for a slot; None: unbounded
+    n_gpu_layers: int = 0
+    flash_attn: bool | None = None  # None: llama.cpp decides
+    use_mmap: bool = True
+    cache_type_k: str | None = None  # e.g. "f16", "q8_0"; None: llama.cpp's default
+    cache_type_v: str | None = None
+    rope_freq_base: float | None = None  # None (or 0): the model's RoPE base frequency
+    rope_freq_scale: float | None = None  # None (or 0): the model's; 0.5 stretches context 2x
+    # One KV buffer for all slots, or one stream per slot (False). Separate streams were ~20%
+    # faster at 32 sequences here: attention then spans a slot's own cells, not every slot's.
+    kv_unified: bool = False
+    # Let llama.cpp repack weights for CPU-specific kernels (AMX, ...) at load. Off by default:
+    # in VMs that advertise AMX without enabling it, the first llama_decode segfaults.
+    cpu_repack: bool = False
+
+    def __post_init__(self) -> None:
+        positive = {
+            "ctx_size": self.ctx_size,
+            "parallel": self.parallel,
+            "prefill_chunk": self.prefill_chunk,
+            "n_threads": self.n_threads,
+            "n_threads_batch": self.n_threads_batch,
+        }
+        for name, value in positive.items():
+            if value is not None and value < 1:
+                raise InvalidEngineSettingError(
+                    f"{name} must be at least 1, got {value}", param=name
+                )
+        if self.max_queue is not None and self.max_queue < 0:
+            raise InvalidEngineSettingError(
+                f"max_queue must not be negative, got {self.max_queue}", param="max_queue"
+            )
+        for name, cache_type in (
+            ("cache_type_k", self.cache_type_k),
+            ("cache_type_v", self.cache_type_v),
+        ):
+            if cache_type is not None and cache_type not in KV_CACHE_TYPE_NAMES:
+                raise InvalidEngineSettingError(
+                    f"{name} must be one of {sorted(KV_CACHE_TYPE_NAMES)}, got {cache_type!r}",
+                    param=name,
+                )
+        for name, rope in (
+            ("rope_freq_base", self.rope_freq_base),
+            ("rope_freq_scale", self.rope_freq_scale),
+        ):
+            if rope is not None and not (math.isfinite(rope) and rope >= 0):
+                raise InvalidEngineSettingError(
+                    f"{name} must be a finite number >= 0, got {rope}", param=name
+                )
+
+    @classmethod
+    def from_settings(cls, settings: LlamaCppSettings, path: Path, model_id: str) -> LlamaCppConfig:
+        """The one mapping from the engine's settings onto its config."""
+        return cls(
+            model_path=str(path),
+            model_id=model_id,
+            ctx_size=settings.ctx_size,
+            parallel=settings.parallel,
+            prefill_chunk=settings.prefill_chunk,
+            n_threads=settings.threads,
+            n_threads_batch=settings.threads_batch,
+            max_queue=settings.max_queue,
+            n_gpu_layers=settings.n_gpu_layers,
+            flash_attn=settings.flash_attn,
+            use_mmap=settings.use_mmap,
+            cache_type_k=settings.cache_type_k,
+            cache_type_v=settings.cache_type_v,
+            rope_freq_base=settings.rope_freq_base,
+            rope_freq_scale=settings.rope_freq_scale,
+            kv_unified=settings.kv_unified,
+        )
+
+    def resolve_ctx_size(self, n_ctx_train: int) -> int:
+        """Per-sequence context: the configured one, else the model's capped at 4096."""
+        if self.ctx_size is not None:
+            return self.ctx_size
+        return max(1, min(n_ctx_train, DEFAULT_MAX_CTX))
+
+    def resolve_parallel(self, ctx_size: int) -> int:
+        """Running sequences: the configured number, else as many as ~32k KV cells allow."""
+        if self.parallel is not None:
+            return self.parallel
+        return max(1, min(MAX_DEFAULT_PARALLEL, KV_TOKEN_BUDGET // ctx_size))
