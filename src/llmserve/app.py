@@ -14,7 +14,7 @@ from llmserve.api import ops
 from llmserve.api.admin import routes as admin_routes
 from llmserve.api.admin.serving import AdminServing
 from llmserve.api.common import error_response
-from llmserve.api.errors import ErrorRenderers, install_error_handlers
+from llmserve.api.errors import Dialect, ErrorRenderers, install_error_handlers
 from llmserve.api.http import BodySizeLimit
 from llmserve.api.kobold import routes as kobold_routes
 from llmserve.api.kobold.serving import KoboldServing, kobold_error_response
@@ -107,15 +107,15 @@ def _add_middleware(app: FastAPI, settings: Settings) -> None:
     renderers = ErrorRenderers(
         # Together's /api/inference before Kobold's /api/: the first matching prefix wins.
         dialects=(
-            (("/inference", "/api/inference"), together_error_response),
-            (("/api/",), kobold_error_response),
+            Dialect("together", ("/inference", "/api/inference"), together_error_response),
+            Dialect("kobold", ("/api/",), kobold_error_response),
         ),
-        default=error_response,
+        default=Dialect("openai", (), error_response),  # also admin and ops routes
     )
     install_error_handlers(app, renderers)
     app.add_middleware(BrowserGuard, settings=settings, renderers=renderers)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, renderers=renderers)
-    app.add_middleware(AccessLog, metrics=app.state.metrics)
+    app.add_middleware(AccessLog, metrics=app.state.metrics, dialect_of=renderers.dialect_name)
 
 
 async def _load(manager: ModelManager) -> None:

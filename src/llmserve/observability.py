@@ -91,6 +91,7 @@ class RequestRecord:
     request_id: str
     method: str
     route: str
+    dialect: str | None = None  # which API the path belongs to (openai, kobold, ...)
     path: str | None = None  # only for requests no route matched
     status: int = 0
     model: str | None = None
@@ -112,8 +113,8 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "llmserve_requests",
-            "HTTP requests by route and status",
-            ["route", "status"],
+            "HTTP requests by route, status and dialect",
+            ["route", "status", "dialect"],
             registry=self.registry,
         )
         self.tokens = Counter(
@@ -195,6 +196,7 @@ class AccessLog:
 
     app: ASGIApp
     metrics: Metrics
+    dialect_of: Callable[[str], str] = lambda path: "openai"
     skip_paths: tuple[str, ...] = field(default=("/metrics",))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -227,7 +229,9 @@ class AccessLog:
             record.route, record.path = UNMATCHED, record.route[:200]
         else:
             record.route = template
-        self.metrics.requests.labels(record.route, str(record.status or 499)).inc()
+        record.dialect = self.dialect_of(scope["path"])
+        status = str(record.status or 499)
+        self.metrics.requests.labels(record.route, status, record.dialect).inc()
         if record.route not in self.skip_paths:
             log.info("%s", redact(json.dumps(_log_fields(record), separators=(",", ":"))))
 

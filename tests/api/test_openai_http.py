@@ -276,7 +276,7 @@ def test_request_id_echoed_or_generated(fake_server: RunningServer) -> None:
 def test_metrics_exposition(fake_server: RunningServer) -> None:
     post(fake_server, "/v1/completions", {"prompt": "hi", "max_tokens": 3})
     text = httpx.get(fake_server.url + "/metrics").text
-    assert 'llmserve_requests_total{route="/v1/completions",status="200"}' in text
+    assert 'llmserve_requests_total{dialect="openai",route="/v1/completions",status="200"}' in text
     assert 'llmserve_tokens_total{kind="completion"}' in text
     assert "llmserve_time_to_first_token_seconds_count" in text
     assert "llmserve_inter_token_latency_seconds_bucket" in text

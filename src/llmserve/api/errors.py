@@ -25,18 +25,35 @@ HTTP_ERRORS: dict[int, type[LLMServeError]] = {404: NotFoundError, 413: PayloadT
 
 
 @dataclass(frozen=True)
-class ErrorRenderers:
-    """Which renderer speaks for which path: the first dialect whose prefix matches, or default."""
+class Dialect:
+    """A dialect's name (in logs and metrics), the path prefixes it serves and its error shape."""
 
-    dialects: Sequence[tuple[tuple[str, ...], ErrorRenderer]]
-    default: ErrorRenderer
+    name: str
+    prefixes: tuple[str, ...]
+    render: ErrorRenderer
+
+
+@dataclass(frozen=True)
+class ErrorRenderers:
+    """Which dialect speaks for which path: the first whose prefix matches, or the default."""
+
+    dialects: Sequence[Dialect]
+    default: Dialect
+
+    def dialect(self, path: str) -> Dialect:
+        """The dialect that serves `path`."""
+        for dialect in self.dialects:
+            if path.startswith(dialect.prefixes):
+                return dialect
+        return self.default
 
     def for_path(self, path: str) -> ErrorRenderer:
-        """The renderer of the dialect that serves `path`."""
-        for prefixes, renderer in self.dialects:
-            if path.startswith(prefixes):
-                return renderer
-        return self.default
+        """The error renderer of the dialect that serves `path`."""
+        return self.dialect(path).render
+
+    def dialect_name(self, path: str) -> str:
+        """The name of the dialect that serves `path`."""
+        return self.dialect(path).name
 
 
 def install_error_handlers(app: FastAPI, renderers: ErrorRenderers) -> None:
