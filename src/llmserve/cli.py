@@ -71,6 +71,17 @@ def print_keys(args: argparse.Namespace) -> None:
     print(path.read_text(encoding="utf-8"), end="")
 
 
+def check_engine(settings: Settings) -> None:
+    """Exit at once when `engine` names no engine this installation has."""
+    from llmserve.engines.base import InvalidEngineSettingError
+    from llmserve.engines.registry import default_registry
+
+    try:
+        default_registry().get(settings.engine)
+    except InvalidEngineSettingError as exc:
+        raise SystemExit(f"llmserve: invalid configuration: {exc.message}") from None
+
+
 def check_exposure(settings: Settings) -> None:
     """Refuse routes open without a key on a non-loopback address unless explicitly allowed."""
     problem = exposure_problem(settings)
@@ -170,6 +181,7 @@ def main(argv: list[str] | None = None) -> None:
         settings = load_settings(args.config, **_overrides(args))
     except (ValidationError, FileNotFoundError) as exc:
         raise SystemExit(f"llmserve: invalid configuration:\n{exc}") from exc
+    check_engine(settings)
     check_exposure(settings)
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -61,3 +61,18 @@ def test_tokens_file_named_in_config_yml_is_used(tmp_path: Path) -> None:
     assert load_settings(config).api_tokens_file == Path("/var/lib/llmserve/api_tokens.yml")
     config.write_text(yaml.safe_dump({"port": 1}))
     assert load_settings(config).api_tokens_file == tmp_path / "api_tokens.yml"
+
+
+def test_an_unknown_engine_stops_the_server_before_it_starts(tmp_path: Path) -> None:
+    from llmserve.cli import main
+
+    with pytest.raises(SystemExit) as caught:
+        main(["--engine", "nope", "--api-tokens-file", str(tmp_path / "t.yml")])
+    assert "no engine called 'nope'" in str(caught.value)
+    assert "llamacpp" in str(caught.value)  # the engines there are
+
+
+def test_engine_settings_are_settings_flags_and_config_keys() -> None:
+    args = _parse(["--engine", "llamacpp", "--ctx-size", "512", "--no-kv-unified"])
+    assert _overrides(args) == {"engine": "llamacpp", "ctx_size": "512", "kv_unified": False}
+    assert load_settings(kv_unified=True).engine_options()["kv_unified"] is True
