@@ -1,0 +1,1 @@
+"""The web UI's static files (ES modules, CSS, HTML), shipped as package data in `static/`."""
