@@ -51,13 +51,15 @@ class FakeEngine:
         return [ord(c) for c in text]
 
     def detokenize(self, ids: list[int]) -> str:
-        """Characters back."""
+        """Characters back; ids that are no code point are refused, as a real vocabulary's."""
+        if any(not 0 <= i < self.info.vocab_size for i in ids):
+            raise InvalidRequestError("token id out of range", param="tokens")
         return "".join(chr(i) for i in ids)
 
     async def generate(self, req: GenerationRequest) -> AsyncIterator[Delta]:
         """Emit WORDS in turn, honouring max_tokens, stop strings, n and logprobs."""
         p = req.params
-        if any(t >= self.info.vocab_size for t in req.prompt_tokens):
+        if any(not 0 <= t < self.info.vocab_size for t in req.prompt_tokens):
             raise InvalidRequestError("token id out of range", param="prompt")
         prompt = self.detokenize(req.prompt_tokens)
         if prompt.startswith("fail-now"):
@@ -118,6 +120,25 @@ class FakeEngine:
     async def set_adapters(self, adapters: Sequence[AdapterSpec]) -> None:
         """Remember the adapters (the fake has no weights to change)."""
         self.adapters = list(adapters)
+
+    async def embed(
+        self, prompts: Sequence[list[int]], normalize: bool = True
+    ) -> list[list[float]]:
+        """Counts of vowels, other letters, digits and the rest (ids are code points)."""
+        if any(not 0 <= i < self.info.vocab_size for prompt in prompts for i in prompt):
+            raise InvalidRequestError("token id out of range", param="prompts")
+        vectors = [self._counts(self.detokenize(list(prompt))) for prompt in prompts]
+        if not normalize:
+            return vectors
+        return [[x / (sum(y * y for y in v) ** 0.5 or 1.0) for x in v] for v in vectors]
+
+    @staticmethod
+    def _counts(text: str) -> list[float]:
+        vowels = sum(c in "aeiouAEIOU" for c in text)
+        letters = sum(c.isalpha() for c in text) - vowels
+        digits = sum(c.isdigit() for c in text)
+        rest = len(text) - vowels - letters - digits
+        return [float(vowels), float(letters), float(digits), float(rest)]
 
     async def close(self) -> None:
         """Nothing to free."""

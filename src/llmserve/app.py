@@ -13,16 +13,26 @@ from llmserve import __version__
 from llmserve.api import ops
 from llmserve.api.admin import routes as admin_routes
 from llmserve.api.admin.serving import AdminServing
+from llmserve.api.anthropic import routes as anthropic_routes
+from llmserve.api.anthropic.serving import AnthropicServing, anthropic_error_response
 from llmserve.api.common import error_response
 from llmserve.api.errors import Dialect, ErrorRenderers, install_error_handlers
 from llmserve.api.http import BodySizeLimit
 from llmserve.api.kobold import routes as kobold_routes
 from llmserve.api.kobold.serving import KoboldServing, kobold_error_response
+from llmserve.api.llamacpp import routes as llamacpp_routes
+from llmserve.api.llamacpp.serving import LlamaCppServing
+from llmserve.api.ollama import routes as ollama_routes
+from llmserve.api.ollama.protocol import OLLAMA_PATHS
+from llmserve.api.ollama.serving import OllamaServing, ollama_error_response
 from llmserve.api.openai import routes as openai_routes
 from llmserve.api.openai.serving import OpenAIServing
 from llmserve.api.overrides import SamplingOverrides
+from llmserve.api.responses import routes as responses_routes
+from llmserve.api.responses.serving import ResponsesServing, ResponseStore
 from llmserve.api.together import routes as together_routes
 from llmserve.api.together.serving import TogetherServing, together_error_response
+from llmserve.api.ui import routes as ui_routes
 from llmserve.auth import KeyStore, require_api
 from llmserve.config import Settings
 from llmserve.core.errors import LLMServeError
@@ -31,7 +41,7 @@ from llmserve.exposure import BrowserGuard, PathCORS
 from llmserve.models.leases import LeaseScope
 from llmserve.models.manager import ModelManager
 from llmserve.models.wrappers import serving_engine
-from llmserve.observability import AccessLog, Metrics
+from llmserve.observability import AccessLog, Metrics, RecentRequests
 
 log = logging.getLogger(__name__)
 
@@ -67,22 +77,35 @@ def create_app(
     app.add_middleware(LeaseScope)  # outermost: leases end after the response is fully sent
     app.include_router(ops.build_router())
     app.include_router(admin_routes.build_info_router())
-    if settings.admin_api and settings.admin_port is None:
+    console = settings.admin_api and settings.admin_port is None
+    if console:
         app.include_router(admin_routes.build_admin_router())
+        app.include_router(ui_routes.build_console_router())
+    app.include_router(ui_routes.build_router(playground=True, console=console))
     app.include_router(openai_routes.build_router(), dependencies=[Depends(require_api)])
     app.include_router(kobold_routes.build_router(require_key=settings.kobold_auth))
+    app.include_router(ollama_routes.build_open_router())
+    app.include_router(ollama_routes.build_router(require_key=settings.ollama_auth))
     app.include_router(together_routes.build_router(), dependencies=[Depends(require_api)])
+    app.include_router(llamacpp_routes.build_router(), dependencies=[Depends(require_api)])
+    app.include_router(anthropic_routes.build_router(), dependencies=[Depends(require_api)])
+    app.include_router(responses_routes.build_router(), dependencies=[Depends(require_api)])
     return app
 
 
 def create_admin_app(main: FastAPI) -> FastAPI:
     """The admin routes alone, for a separate host/port, sharing the main app's state."""
     admin = FastAPI(title="llmserve admin", version=__version__)
-    for name in ("settings", "models", "keys", "metrics", "overrides", "admin"):
+    for name in ("settings", "models", "keys", "metrics", "overrides", "admin", "recent"):
         setattr(admin.state, name, getattr(main.state, name))
     _add_middleware(admin, main.state.settings)
     admin.add_middleware(LeaseScope)
     admin.include_router(admin_routes.build_admin_router())
+    # The admin console lives here then, with the read-only routes it shows.
+    admin.include_router(ops.build_router())
+    admin.include_router(admin_routes.build_info_router())
+    admin.include_router(ui_routes.build_console_router())
+    admin.include_router(ui_routes.build_router(playground=False, console=True))
     return admin
 
 
@@ -93,12 +116,17 @@ def _attach_state(
     app.state.models = manager
     app.state.keys = keys
     app.state.metrics = metrics
+    app.state.recent = RecentRequests(ui_routes.RING_SIZE, ui_routes.QUIET_PREFIXES)
     app.state.overrides = SamplingOverrides()
     app.state.openai = OpenAIServing(manager, app.state.overrides)
     app.state.admin = AdminServing(settings, manager, app.state.overrides)
     kobold_protected = settings.kobold_auth and not settings.disable_auth
     app.state.kobold = KoboldServing(manager, kobold_protected, app.state.overrides)
+    app.state.ollama = OllamaServing(manager, app.state.overrides)
     app.state.together = TogetherServing(manager, app.state.overrides)
+    app.state.llamacpp = LlamaCppServing(manager, app.state.overrides)
+    app.state.anthropic = AnthropicServing(manager, app.state.overrides)
+    app.state.responses = ResponsesServing(manager, app.state.overrides, ResponseStore())
 
 
 def _add_middleware(app: FastAPI, settings: Settings) -> None:
@@ -108,14 +136,26 @@ def _add_middleware(app: FastAPI, settings: Settings) -> None:
         # Together's /api/inference before Kobold's /api/: the first matching prefix wins.
         dialects=(
             Dialect("together", ("/inference", "/api/inference"), together_error_response),
+            # Ollama's /api/chat, /api/tags, ... before Kobold's /api/ (/api/v1, /api/extra).
+            Dialect("ollama", OLLAMA_PATHS, ollama_error_response),
             Dialect("kobold", ("/api/",), kobold_error_response),
+            # OpenAI's /completions before llama.cpp's /completion, which prefixes it.
+            Dialect("openai", ("/completions",), error_response),
+            Dialect("llamacpp", llamacpp_routes.PATHS, error_response),
+            Dialect("anthropic", ("/v1/messages",), anthropic_error_response),
+            Dialect("responses", ("/v1/responses",), error_response),
         ),
         default=Dialect("openai", (), error_response),  # also admin and ops routes
     )
     install_error_handlers(app, renderers)
     app.add_middleware(BrowserGuard, settings=settings, renderers=renderers)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, renderers=renderers)
-    app.add_middleware(AccessLog, metrics=app.state.metrics, dialect_of=renderers.dialect_name)
+    app.add_middleware(
+        AccessLog,
+        metrics=app.state.metrics,
+        dialect_of=renderers.dialect_name,
+        recent=app.state.recent,
+    )
 
 
 async def _load(manager: ModelManager) -> None:

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from llmserve.config import Settings, example_config, load_settings
 from llmserve.exposure import is_loopback
+from llmserve.models.catalog import ModelEntry
 
 if TYPE_CHECKING:
     import uvicorn
@@ -26,6 +27,8 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
         kind = field.annotation
         if kind is bool or kind == bool | None:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=field.description)
+        elif kind == list[ModelEntry]:
+            continue  # a list of mappings: config.yml only
         elif get_origin(kind) is list or list in get_args(kind):
             parser.add_argument(flag, action="append", help=f"{field.description} (repeatable)")
         else:
@@ -98,11 +101,13 @@ def exposure_problem(settings: Settings) -> str | None:
         for address, what in listening(settings):
             if not is_loopback(address):
                 return f"auth disabled on {address}: anyone who can reach it could use {what}"
-    elif not settings.kobold_auth and not is_loopback(settings.host):
-        return (
-            f"--no-kobold-auth on {settings.host}: anyone who can reach it could use the "
-            "Kobold routes without a key"
-        )
+    elif not is_loopback(settings.host):
+        for flag, opened in (("kobold", settings.kobold_auth), ("ollama", settings.ollama_auth)):
+            if not opened:
+                return (
+                    f"--no-{flag}-auth on {settings.host}: anyone who can reach it could use "
+                    f"the {flag.capitalize()} routes without a key"
+                )
     return None
 
 

@@ -17,6 +17,7 @@ from pydantic_settings import (
 
 from llmserve import exposure
 from llmserve.engines.llamacpp.settings import LlamaCppSettings
+from llmserve.models.catalog import Duration, ModelEntry
 
 # A list setting read from the environment as "a,b,c" rather than as JSON.
 StrList = Annotated[list[str], NoDecode]
@@ -58,7 +59,9 @@ class Settings(BaseSettings, EngineOptions):
         [], description="Names the model is listed and addressed by (first is its id)."
     )
     chat_template: str | None = Field(
-        None, description="Jinja chat template file that overrides the model's own."
+        None,
+        description="Chat template that overrides the model's own: a Jinja file, or a built-in "
+        "name (chatml, llama3, llama2, mistral, gemma, phi3, qwen2) when no such file exists.",
     )
     strict_model_names: bool = Field(
         False, description="Answer 404 to a request naming a model that is not loaded."
@@ -72,7 +75,36 @@ class Settings(BaseSettings, EngineOptions):
         Path("sampler_overrides"), description="Folder of YAML sampling presets."
     )
     inline_model_loading: bool = Field(
-        False, description="Load a model from models_dir when a request names it."
+        False,
+        description="Let admin-key requests naming a file of models_dir load it on demand "
+        "(configured models are always loadable; see `models`).",
+    )
+    models: list[ModelEntry] = Field(
+        [],
+        description="Configured models (id, path, aliases, chat_template, autoload, pinned, "
+        "keep_alive, and engine settings such as ctx_size or parallel), served by name.",
+    )
+    max_loaded_models: int = Field(
+        1,
+        ge=1,
+        description="Models loaded at once; loading another evicts the least recently used idle "
+        "one (with 1, a load replaces the loaded model, as TabbyAPI does).",
+    )
+    memory_budget_mb: int | None = Field(
+        None,
+        ge=1,
+        description="MiB that loaded models (weights + KV cache, estimated) may use together; "
+        "beyond it the least recently used idle model is unloaded first.",
+    )
+    keep_alive: Duration = Field(
+        None,
+        description="Unload a model idle this long (seconds or 90s/5m/1h; empty or negative: "
+        "never); the default model stays.",
+    )
+    fallback_model: str | None = Field(
+        None,
+        description="With several models configured, the one that answers names matching none "
+        "(else those are 404).",
     )
     admin_api: bool = Field(True, description="Serve the admin API (model/LoRA/template/preset).")
     admin_host: str | None = Field(
@@ -117,6 +149,12 @@ class Settings(BaseSettings, EngineOptions):
         True,
         description="Require an API key on the KoboldAI routes (/api/v1, /api/extra, "
         "/api/latest); false opens them alone, for SillyTavern, which sends no key there.",
+    )
+    ollama_auth: bool = Field(
+        True,
+        description="Require an API key on Ollama's routes (/api/chat, /api/generate, "
+        "/api/tags, /api/show, /api/ps, ...); false opens them alone, for clients that "
+        "cannot send one (VS Code Copilot, Home Assistant, Open WebUI's Ollama connection).",
     )
 
     # Logging
@@ -196,5 +234,19 @@ def example_config() -> str:
     for name, field in Settings.model_fields.items():
         lines.append(f"# {field.description}")
         lines.append(yaml.safe_dump({name: defaults[name]}, default_flow_style=False).strip())
+        if name == "models":
+            lines.extend(_model_entry_example())
         lines.append("")
     return "\n".join(lines)
+
+
+def _model_entry_example() -> list[str]:
+    """A commented `models:` entry listing every field of ModelEntry."""
+    lines = ["# models:"]
+    for index, (name, field) in enumerate(ModelEntry.model_fields.items()):
+        lead = "#   - " if index == 0 else "#     "
+        value = "my-model" if name == "id" else field.default
+        text = yaml.safe_dump({name: value}, default_flow_style=True).strip().strip("{}")
+        lines.append(f"{lead}{text}  # {field.description}")
+    lines.append("#     ctx_size: 8192  # and any engine setting above, for this model alone")
+    return lines

@@ -1,10 +1,11 @@
 """Who may reach the server from where: loopback checks, the CORS policy and the Host guard.
 
 Routes that answer without a key (everything under `disable_auth`, the Kobold routes under
-`kobold_auth: false`) would let any web page the user visits drive the server: cross-origin
-through a permissive CORS policy, or same-origin through DNS rebinding (an attacker's name that
-resolves to 127.0.0.1). On those routes browsers get loopback origins only and the `Host`
-header must name this server, unless the operator configures otherwise.
+`kobold_auth: false`, Ollama's under `ollama_auth: false`) would let any web page the user
+visits drive the server: cross-origin through a permissive CORS policy, or same-origin through
+DNS rebinding (an attacker's name that resolves to 127.0.0.1). On those routes browsers get
+loopback origins only and the `Host` header must name this server, unless the operator
+configures otherwise.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from urllib.parse import urlsplit
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from llmserve.api.ollama.protocol import OLLAMA_PATHS
 from llmserve.core.errors import PermissionDeniedError
 
 if TYPE_CHECKING:
@@ -109,17 +111,22 @@ class OpenRoutes:
 
     everything: bool
     prefixes: tuple[str, ...] = ()
+    paths: frozenset[str] = frozenset()  # exact paths (`/`, which as a prefix is everything)
 
     @classmethod
     def of(cls, settings: Settings) -> OpenRoutes:
         """The open routes these settings make."""
         if settings.disable_auth:
             return cls(everything=True)
-        return cls(everything=False, prefixes=() if settings.kobold_auth else KOBOLD_PREFIXES)
+        prefixes = () if settings.kobold_auth else KOBOLD_PREFIXES
+        if settings.ollama_auth:
+            return cls(everything=False, prefixes=prefixes)
+        # Ollama's routes open together with its banner at `/`.
+        return cls(everything=False, prefixes=prefixes + OLLAMA_PATHS, paths=frozenset({"/"}))
 
     def covers(self, path: str) -> bool:
         """True when `path` answers without a key."""
-        return self.everything or path.startswith(self.prefixes)
+        return self.everything or path in self.paths or path.startswith(self.prefixes)
 
 
 def cors_options(origins: list[str], open_routes: bool) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import logging
 import re
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
@@ -100,6 +101,28 @@ class RequestRecord:
     cached_tokens: int = 0
     ttft_ms: float | None = None
     duration_ms: float = 0.0
+
+
+class RecentRequests:
+    """A bounded ring of the last `size` finished requests, for the admin console.
+
+    Records hold no prompt, output or key; routes under `skip_prefixes` (the UI's own polling)
+    are not kept.
+    """
+
+    def __init__(self, size: int = 200, skip_prefixes: tuple[str, ...] = ()):
+        self.size = size
+        self.skip_prefixes = skip_prefixes
+        self._ring: deque[tuple[float, RequestRecord]] = deque(maxlen=size)
+
+    def add(self, record: RequestRecord) -> None:
+        """Keep `record`, stamped with the time it ended (the oldest falls out when full)."""
+        if not record.route.startswith(self.skip_prefixes):
+            self._ring.append((time.time(), record))
+
+    def newest(self, limit: int) -> list[tuple[float, RequestRecord]]:
+        """Up to `limit` records, newest first."""
+        return list(reversed(self._ring))[:limit]
 
 
 # The record of the request being served in this task (None outside requests).
@@ -198,6 +221,7 @@ class AccessLog:
     metrics: Metrics
     dialect_of: Callable[[str], str] = lambda path: "openai"
     skip_paths: tuple[str, ...] = field(default=("/metrics",))
+    recent: RecentRequests | None = None  # the ring the admin console reads
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -233,6 +257,8 @@ class AccessLog:
         status = str(record.status or 499)
         self.metrics.requests.labels(record.route, status, record.dialect).inc()
         if record.route not in self.skip_paths:
+            if self.recent is not None:
+                self.recent.add(record)
             log.info("%s", redact(json.dumps(_log_fields(record), separators=(",", ":"))))
 
 

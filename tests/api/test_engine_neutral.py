@@ -48,8 +48,8 @@ class Blocked(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, Blocked())
 import llmserve
 # llama.cpp's own modules need it; everything else (its settings, config, factory too) must not.
-ENGINE_MODULES = ("adapters", "batch", "engine", "grammar", "inspect", "model", "runner",
-                  "sampling", "scheduler", "gguf_header", "regex_gbnf")
+ENGINE_MODULES = ("adapters", "batch", "embedding", "engine", "grammar", "inspect", "model",
+                  "runner", "sampling", "scheduler", "gguf_header", "regex_gbnf")
 imported = []
 for info in pkgutil.walk_packages(llmserve.__path__, "llmserve."):
     parts = info.name.split(".")
@@ -97,9 +97,10 @@ class EchoFactory:
     model_suffixes: tuple[str, ...] = (".echo",)
     loaded: list[EchoSettings] = dataclasses.field(default_factory=list)
 
-    def check(self, settings: EchoSettings, path: Path, model_id: str) -> None:
+    def check(self, settings: EchoSettings, path: Path, model_id: str) -> int:
         if path.suffix != ".echo" or not path.is_file():
             raise InvalidModelFileError(f"{path.name} is not an echo model")
+        return 0
 
     def load(self, settings: EchoSettings, path: Path, model_id: str) -> Engine:
         self.loaded.append(settings)

@@ -172,6 +172,7 @@ def test_values_that_are_not_host_names_are_refused(host: str) -> None:
         {"disable_auth": True, "host": "0.0.0.0"},
         {"disable_auth": True, "admin_port": 9001, "admin_host": "0.0.0.0"},
         {"kobold_auth": False, "host": "0.0.0.0"},
+        {"ollama_auth": False, "host": "0.0.0.0"},
     ],
 )
 def test_check_exposure_refuses_open_public_routes(settings: dict[str, Any]) -> None:
@@ -187,6 +188,7 @@ def test_check_exposure_refuses_open_public_routes(settings: dict[str, Any]) -> 
         {"host": "0.0.0.0", "admin_port": 9001, "admin_host": "0.0.0.0"},
         {"disable_auth": True, "host": "localhost", "admin_port": 9001},
         {"kobold_auth": False, "host": "127.0.0.1"},
+        {"ollama_auth": False, "host": "127.0.0.1"},
         {"disable_auth": True, "admin_api": False, "host": "::1"},
     ],
 )

@@ -143,7 +143,7 @@ def test_completion_stream(fake_server: RunningServer) -> None:
         ({"prompt": "a", "n": 0}, "n"),
         ({"prompt": "a", "max_tokens": -5}, "max_tokens"),
         ({"prompt": "a", "logprobs": 50}, "logprobs"),
-        ({"prompt": "a", "top_a": 0.5}, "top_a"),
+        ({"prompt": "a", "top_a": 1.5}, "top_a"),
         ({"max_tokens": 1}, "prompt"),
     ],
 )
@@ -333,3 +333,21 @@ def test_wrong_types_name_the_field(fake_server: RunningServer) -> None:
         r = post(fake_server, "/v1/completions", body)
         assert r.status_code == 400, (body, r.text)
         assert r.json()["error"]["param"].split(".")[0] == param, r.json()
+
+
+@pytest.mark.parametrize("path", ["/v1/rerank", "/v2/rerank", "/rerank", "/v1/score"])
+def test_rerank_routes_are_a_clear_400(fake_server: RunningServer, path: str) -> None:
+    r = httpx.post(fake_server.url + path, json={"query": "q", "documents": ["a", "b"]})
+    assert r.status_code == 400
+    assert r.json()["error"]["code"] == "unsupported_endpoint"
+    assert "embeddings" in r.json()["error"]["message"]
+
+
+def test_image_parts_are_a_400_naming_the_content(fake_server: RunningServer) -> None:
+    part = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, part]}]}
+    r = httpx.post(fake_server.url + "/v1/chat/completions", json=body)
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["param"] == "messages.0.content"
+    assert "'image_url'" in error["message"] and "only text parts" in error["message"]

@@ -282,13 +282,13 @@ def test_grammar_is_enforced(dialect_server: RunningServer) -> None:
 @pytest.mark.parametrize(
     ("fields", "name"),
     [
-        ({"top_a": 0.5}, "top_a"),
-        ({"tfs": 0.9}, "tfs"),
-        ({"rep_pen": 1.2, "rep_pen_slope": 0.7}, "rep_pen_slope"),
-        ({"dynatemp_range": 0.5}, "dynatemp_range"),
+        ({"top_a": 1.5}, "top_a"),
+        ({"tfs": -0.1}, "tfs"),
+        ({"rep_pen": 1.2, "rep_pen_slope": -0.7}, "rep_pen_slope"),
+        ({"dynatemp_range": -0.5}, "dynatemp_range"),
     ],
 )
-def test_samplers_llama_cpp_lacks_get_400(
+def test_kobold_samplers_out_of_range_get_400(
     dialect_server: RunningServer, fields: dict[str, Any], name: str
 ) -> None:
     bad_input(post(dialect_server, "/api/v1/generate", {"prompt": "x", **fields}), name)

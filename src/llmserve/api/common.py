@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from llmserve.api.errors import retry_headers
 from llmserve.core.errors import InvalidRequestError, LLMServeError
@@ -59,6 +59,19 @@ class ChatMessage(BaseModel):
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, content: Any) -> Any:
+        """Images, audio and files are out of scope: say so instead of a type mismatch."""
+        for index, part in enumerate(content if isinstance(content, list) else ()):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind is not None and kind != "text":
+                raise ValueError(
+                    f"part {index} is of type {kind!r}: only text parts are served "
+                    "(no images, audio or files)"
+                )
+        return content
 
     def text(self) -> str:
         """The content as one string: text parts joined by newlines, as vLLM and llama.cpp do."""

@@ -14,7 +14,9 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from llmserve.api.kobold.protocol import KoboldGenerateRequest
+from llmserve.api.ollama.protocol import OllamaOptions
 from llmserve.api.openai.protocol import ChatCompletionRequest, CompletionRequest
+from llmserve.api.responses.protocol import ResponsesRequest
 from llmserve.api.sampling import SamplerFields, field_names
 from llmserve.api.together.protocol import InferenceRequest
 from llmserve.core.errors import InvalidRequestError
@@ -27,6 +29,8 @@ REQUEST_TYPES: dict[type[SamplerFields], dict[str, Any]] = {
     ChatCompletionRequest: {"messages": [{"role": "user"}]},
     KoboldGenerateRequest: {"prompt": "x"},
     InferenceRequest: {"prompt": "x"},
+    OllamaOptions: {},  # Ollama's samplers sit in `options`, which the preset applies to
+    ResponsesRequest: {"input": "x"},
 }
 # What a preset may set: generation fields of a request, not what the request is.
 NOT_OVERRIDABLE = {
@@ -42,10 +46,28 @@ NOT_OVERRIDABLE = {
     "genkey",
     # Folded into `max_tokens` when the request is read; a preset names `max_tokens`.
     "max_completion_tokens",
+    "max_output_tokens",
+    # The Responses dialect's conversation and bookkeeping fields.
+    "input",
+    "instructions",
+    "previous_response_id",
+    "store",
+    "background",
+    "include",
+    "reasoning",
+    "metadata",
+    "prompt_cache_key",
+    "service_tier",
+    "truncation",
+    "safety_identifier",
 }
 OVERRIDABLE = {name for t in REQUEST_TYPES for name in t.model_fields} - NOT_OVERRIDABLE
 # A preset may spell a field as any dialect does; it is stored under the base's name.
-PRESET_NAMES = {**field_names(), "max_completion_tokens": "max_tokens"}
+PRESET_NAMES = {
+    **field_names(),
+    "max_completion_tokens": "max_tokens",
+    "max_output_tokens": "max_tokens",
+}
 
 
 class OverrideValue(BaseModel):

@@ -14,7 +14,7 @@ from typing import Annotated, ClassVar, TypeVar
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
-from llmserve.core.errors import InvalidRequestError, LLMServeError, UnsupportedSamplerError
+from llmserve.core.errors import InvalidRequestError, LLMServeError
 from llmserve.core.params import DrySettings, MirostatMode, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -100,9 +100,18 @@ class SamplerFields(BaseModel):
     )
     mirostat_tau: float | None = Field(None, ge=0)
     mirostat_eta: float | None = Field(None, ge=0)
-    # llama.cpp has no top-a or tail-free sampling: accepted only at their neutral values.
-    top_a: float | None = None
-    tfs: float | None = None
+    # KoboldCpp's samplers (SillyTavern sends them to every backend), served by llama.cpp too.
+    top_a: float | None = Field(None, ge=0, le=1, description="0 disables top-a.")
+    tfs: float | None = Field(None, ge=0, le=1, description="1 disables it.")
+    rep_pen_slope: float | None = Field(
+        None,
+        ge=0,
+        le=10,
+        validation_alias=aliased("rep_pen_slope", "repetition_penalty_slope"),
+        description="Applied in (0, 1) as KoboldCpp does; 0 and values above 1 mean no slope.",
+    )
+    dynatemp_range: float | None = Field(None, ge=0, description="0 disables it.")
+    dynatemp_exponent: float | None = Field(None, ge=0)
 
     def log_unknown_fields(self, route: str) -> None:
         """Note ignored vendor extras at debug level."""
@@ -129,8 +138,6 @@ class SamplerFields(BaseModel):
 
         `banned_ids` replaces `banned_tokens` when a dialect bans text (Kobold) it tokenized.
         """
-        _reject_unsupported(self.top_a, "top_a", neutral=0.0)
-        _reject_unsupported(self.tfs, "tfs", neutral=1.0)
         return SamplingParams(
             max_tokens=self.output_limit(),
             temperature=_or(self.temperature, 1.0),
@@ -140,6 +147,7 @@ class SamplerFields(BaseModel):
             typical_p=_or(self.typical_p, 1.0),
             top_n_sigma=self.top_n_sigma,
             repetition_penalty=_or(self.repetition_penalty, 1.0),
+            repetition_penalty_slope=_slope(self.rep_pen_slope),
             presence_penalty=_or(self.presence_penalty, 0.0),
             frequency_penalty=_or(self.frequency_penalty, 0.0),
             penalty_range=_penalty_range(self.penalty_range, self.DEFAULT_PENALTY_RANGE),
@@ -154,6 +162,10 @@ class SamplerFields(BaseModel):
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
             dry=self._dry(),
+            top_a=_or(self.top_a, 0.0),
+            tfs=_or(self.tfs, 1.0),
+            dynatemp_range=_or(self.dynatemp_range, 0.0),
+            dynatemp_exponent=_or(self.dynatemp_exponent, 1.0),
             xtc_probability=_or(self.xtc_probability, 0.0),
             xtc_threshold=_or(self.xtc_threshold, 0.1),
             mirostat=MirostatMode(self.mirostat_mode or 0),
@@ -211,10 +223,8 @@ def _logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
     return out
 
 
-def _reject_unsupported(value: float | None, name: str, *, neutral: float) -> None:
-    if value is not None and value != neutral:
-        raise UnsupportedSamplerError(
-            f"sampler `{name}` is not supported by the llama.cpp engine; "
-            f"leave it unset or at {neutral}",
-            param=name,
-        )
+def _slope(value: float | None) -> float:
+    # KoboldCpp reads a slope outside (0, 1] as "no slope" (Kobold United's presets send 0 or 1.7).
+    if value is None or value <= 0.0 or value > 1.0:
+        return 1.0
+    return value

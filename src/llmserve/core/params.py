@@ -48,6 +48,9 @@ class SamplingParams:
     typical_p: float = 1.0
     top_n_sigma: float | None = None
     repetition_penalty: float = 1.0
+    # KoboldCpp's slope: tokens only in the older half of the penalty window get
+    # 1 + (repetition_penalty - 1) * slope; 1 is no slope.
+    repetition_penalty_slope: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     penalty_range: int | None = 64  # last N tokens the penalties look at; None: whole context
@@ -62,8 +65,12 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; N: the sampled token plus the top N
     prompt_logprobs: int | None = None  # None: none; N: for every prompt token, top N
     dry: DrySettings | None = None
+    top_a: float = 0.0  # drop tokens with p < top_a * p_max**2; 0 is off
+    tfs: float = 1.0  # tail-free sampling's z; 1 is off
     xtc_probability: float = 0.0
     xtc_threshold: float = 0.1
+    dynatemp_range: float = 0.0  # entropy-scaled temperature in temperature ± range; 0 is off
+    dynatemp_exponent: float = 1.0
     mirostat: MirostatMode = MirostatMode.OFF
     mirostat_tau: float = 5.0
     mirostat_eta: float = 0.1
@@ -85,6 +92,8 @@ class SamplingParams:
                 )
         if self.penalty_range is not None and self.penalty_range < 0:
             raise InvalidRequestError("penalty_range must not be negative", param="penalty_range")
+        for name, low, high in BOUNDED_SAMPLERS:
+            _check_bounds(getattr(self, name), low, high, name)
 
     @property
     def greedy(self) -> bool:
@@ -93,6 +102,14 @@ class SamplingParams:
 
 
 BREAKERS_PARAM = "dry_sequence_breakers"
+# (field, lowest, highest) of the samplers whose meaning ends at a bound.
+BOUNDED_SAMPLERS = (
+    ("repetition_penalty_slope", 0.0, 1.0),
+    ("top_a", 0.0, 1.0),
+    ("tfs", 0.0, 1.0),
+    ("dynatemp_range", 0.0, math.inf),
+    ("dynatemp_exponent", 0.0, math.inf),
+)
 BANNED_PARAM = "banned_tokens"  # what clients call it (TabbyAPI, Kobold); ids once tokenized
 
 
@@ -109,6 +126,13 @@ def _check_lengths(texts: tuple[str, ...], limit: int, param: str) -> None:
         raise InvalidRequestError(
             f"{param} has an entry of {longest} characters; at most {limit} are accepted",
             param=param,
+        )
+
+
+def _check_bounds(value: float, low: float, high: float, param: str) -> None:
+    if not (math.isfinite(value) and low <= value <= high):
+        raise InvalidRequestError(
+            f"{param} is {value}; it lies in [{low:g}, {high:g}]", param=param
         )
 
 

@@ -37,6 +37,9 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
+# Jinja templates shipped as package data, chosen by name (`--chat-template llama3`).
+BUILTIN_TEMPLATES_DIR = Path(__file__).parent / "chat_templates"
+
 # Real chat templates are a few KB; a megabyte is far beyond any of them.
 MAX_TEMPLATE_CHARS = 1 << 20
 
@@ -593,6 +596,18 @@ def read_template_file(path: Path) -> str:
         raise TemplateError(
             f"template {path.name} is not UTF-8 text (byte {exc.start})", param="name"
         ) from None
+
+
+def builtin_template_names() -> list[str]:
+    """Names of the chat templates shipped with llmserve (`--chat-template chatml`, ...)."""
+    return sorted(path.stem for path in BUILTIN_TEMPLATES_DIR.glob("*.jinja"))
+
+
+def builtin_template(name: str) -> str | None:
+    """The source of a shipped chat template, or None when there is none of that name."""
+    if name not in builtin_template_names():  # never a path: only the shipped names
+        return None
+    return (BUILTIN_TEMPLATES_DIR / f"{name}.jinja").read_text(encoding="utf-8")
 
 
 def load_template(

@@ -20,6 +20,12 @@ class InvalidModelFileError(InvalidRequestError):
     code = "invalid_model_file"
 
 
+class InsufficientMemoryError(InvalidRequestError):
+    """The model plus its KV cache would not fit in the memory available to it."""
+
+    code = "insufficient_memory"
+
+
 class InvalidEngineSettingError(InvalidRequestError, ValueError):
     """A load setting the engine cannot use: 400 naming the setting (`param`)."""
 
@@ -32,6 +38,7 @@ class Capabilities:
     # SamplingParams fields it honours at values other than their defaults; None: all of them.
     samplers: frozenset[str] | None = None
     adapters: bool = True  # LoRA adapters through set_adapters
+    embeddings: bool = True  # pooled embedding vectors through embed
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,10 @@ class ModelInfo:
     size_bytes: int
     description: str  # one line: architecture, size, quantization
     capabilities: Capabilities = field(default_factory=Capabilities)
+    # Fill-in-the-middle token ids (llama.cpp's /infill); None when the vocabulary has none.
+    fim_prefix: int | None = None
+    fim_suffix: int | None = None
+    fim_middle: int | None = None
 
 
 @dataclass(frozen=True)
@@ -113,6 +124,12 @@ class Engine(Protocol):
         """Apply exactly these LoRA adapters from the next step on (empty: none)."""
         ...
 
+    async def embed(
+        self, prompts: Sequence[list[int]], normalize: bool = True
+    ) -> list[list[float]]:
+        """One vector per prompt; L2-normalized unless normalize=False."""
+        ...
+
     async def close(self) -> None:
         """Abort everything, stop the engine thread and free llama.cpp resources."""
         ...
@@ -129,8 +146,12 @@ class EngineFactory(Protocol):
     settings_type: type[BaseModel]
     model_suffixes: tuple[str, ...]  # files in models_dir it can load
 
-    def check(self, settings: Any, path: Path, model_id: str) -> None:
-        """Refuse (4xx) a file or settings the engine cannot load, before loading anything."""
+    def check(self, settings: Any, path: Path, model_id: str) -> int:
+        """Refuse (4xx) what the engine cannot load; else the bytes it will hold, estimated.
+
+        InsufficientMemoryError when it would not fit in the memory free now (the manager
+        may then unload idle models and ask again).
+        """
         ...
 
     def load(self, settings: Any, path: Path, model_id: str) -> Engine:

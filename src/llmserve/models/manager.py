@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -29,18 +29,32 @@ from llmserve.core.errors import (
     PermissionDeniedError,
     ServiceUnavailableError,
 )
-from llmserve.core.templates import ChatTemplate, load_template, read_template_file
-from llmserve.engines.base import Engine, EngineFactory, InvalidEngineSettingError
+from llmserve.core.templates import (
+    ChatTemplate,
+    builtin_template,
+    load_template,
+    read_template_file,
+)
+from llmserve.engines.base import (
+    Engine,
+    EngineFactory,
+    InsufficientMemoryError,
+    InvalidEngineSettingError,
+)
 from llmserve.engines.registry import EngineRegistry, default_registry
 from llmserve.engines.settings import EngineSettings
 from llmserve.models import leases
+from llmserve.models.catalog import ModelEntry, bare_name
 from llmserve.models.defaults import default_model_path
 from llmserve.models.leases import LeaseCount
 from llmserve.models.registry import FileEntry, list_files, resolve_file
 
 log = logging.getLogger(__name__)
 
-LOAD_WAIT_SECONDS = 60.0  # how long a request waits for a model that is loading, then 503
+LOAD_WAIT_SECONDS = 60.0  # how long a request waits for the start-up model, then 503
+# How long a request waits for the model it named to be loaded (behind other loads, and for
+# busy models to finish so that it fits), then 503; loads themselves are not cut short.
+ON_DEMAND_WAIT_SECONDS = 300.0
 RETIRE_WAIT_SECONDS = 600.0  # how long a swapped-out engine may finish its requests
 DRAIN_POLL_SECONDS = 0.05
 MONITOR_SECONDS = 0.5  # how often the monitor looks for dead engine threads
@@ -59,6 +73,17 @@ class LoadSource:
     names: tuple[str, ...]
     engine: EngineSettings  # an instance of the chosen engine's own settings model
     template_file: Path | None = None
+    keep_alive: float | None = None  # idle seconds before it is unloaded; None: never
+    pinned: bool = False  # never unloaded to make room or when idle
+
+
+@dataclass(frozen=True)
+class ModelState:
+    """A model as listings show it: loaded (with its LoadedModel), loading or available."""
+
+    id: str
+    status: Literal["loaded", "loading", "available"]
+    model: LoadedModel | None = None
 
 
 @dataclass
@@ -74,11 +99,24 @@ class LoadedModel:
     source: LoadSource | None = None  # None: registered from outside (tests), not reloadable
     users: LeaseCount = field(default_factory=LeaseCount)  # requests holding this model
     failed: str | None = None  # why its engine stopped, once the monitor noticed
+    memory_bytes: int = 0  # the engine's estimate of what it holds (weights + KV cache)
+    keep_alive: float | None = None  # idle seconds before it is unloaded; None: never
+    pinned: bool = False
+    last_used: float = field(default_factory=time.monotonic)
 
     @property
     def names(self) -> tuple[str, ...]:
         """Every name this model answers to."""
         return (self.id, *self.aliases)
+
+    def answers_to(self, name: str) -> bool:
+        """True for its id, its aliases, and those with Ollama's `:latest` tag."""
+        return bare_name(name) in self.names or name in self.names
+
+    @property
+    def idle(self) -> bool:
+        """No request holds it and its engine runs and queues nothing."""
+        return not _in_use(self)
 
     def chat_prompt(
         self,
@@ -117,6 +155,9 @@ class ModelManager:
         self._revivals: set[asyncio.Task[None]] = set()
         self._monitor: asyncio.Task[None] | None = None
         self._fatal_callbacks: list[FatalCallback] = []
+        self._pending: dict[str, asyncio.Task[LoadedModel]] = {}  # one load per model id
+        self._waiters: dict[str, int] = {}  # requests waiting for each pending load
+        self._default_id: str | None = None  # the model requests without `model` get
         self.loading: str | None = None
         self.load_error: str | None = None
         self.fatal_error: str | None = None
@@ -136,8 +177,9 @@ class ModelManager:
 
     @property
     def ready(self) -> bool:
-        """True when at least one model serves and its engine is alive."""
-        return bool(self._models) and all(m.engine.stats().alive for m in self._models.values())
+        """True when the default model serves and its engine is alive."""
+        default = self._default()
+        return default is not None and default.engine.stats().alive
 
     def engine_error(self) -> str | None:
         """Why an engine stopped, if one did."""
@@ -149,11 +191,33 @@ class ModelManager:
 
     def loaded(self) -> list[LoadedModel]:
         """The loaded models, default first."""
-        return list(self._models.values())
+        default = self._default()
+        rest = [m for m in self._models.values() if m is not default]
+        return [default, *rest] if default is not None else rest
 
     def available(self) -> list[FileEntry]:
         """Every model file of the configured engine in the models folder (and sub-folders)."""
         return list_files(self._settings.models_dir, self._model_suffixes())
+
+    def configured(self) -> list[ModelEntry]:
+        """The configured models: the start-up one first, then config.yml's `models:`."""
+        first = self._startup_entry()
+        return [first, *(m for m in self._settings.models if m.id != first.id)]
+
+    def catalog(self, may_load: bool) -> list[ModelState]:
+        """What a key sees: loaded models, and those it may load (all, with the admin key)."""
+        states = [ModelState(m.id, "loaded", m) for m in self.loaded()]
+        listed = {name for model in self._models.values() for name in model.names}
+        # The bundled model, when nothing names it, is what serves, not something to offer.
+        named = self._settings.model is not None or self._settings.models
+        candidates = [(e.id, e.autoload) for e in self.configured()] if named else []
+        candidates += [(f.name, False) for f in self.available()]
+        for name, autoload in candidates:
+            if name in listed or not (may_load or autoload):
+                continue
+            listed.add(name)
+            states.append(ModelState(name, "loading" if name in self._pending else "available"))
+        return states
 
     def _model_suffixes(self) -> tuple[str, ...]:
         return self.engines.get(self._settings.engine).model_suffixes
@@ -171,69 +235,113 @@ class ModelManager:
         """
         model = self._pick(requested)
         self._notice_death(model)
+        model.last_used = time.monotonic()
         leases.lease(model.users)
         return model
 
     def _pick(self, requested: str | None) -> LoadedModel:
-        if not self._models:
+        default = self._default()
+        if default is None:
             raise ServiceUnavailableError(self.load_error or "no model is loaded")
         if requested is None:
-            return next(iter(self._models.values()))
-        for model in self._models.values():
-            if requested in model.names:
-                return model
-        if len(self._models) == 1 and not self._settings.strict_model_names:
-            model = next(iter(self._models.values()))
-            log.debug("request names model %r; served by %s", requested, model.id)
+            return default
+        named = self._loaded_named(requested)
+        if named is not None:
+            return named
+        fallback = self._settings.fallback_model
+        if fallback is not None and (model := self._loaded_named(fallback)) is not None:
             return model
+        if self._answers_every_name():
+            log.debug("request names model %r; served by %s", requested, default.id)
+            return default
         raise ModelNotFoundError(f"the model `{requested}` does not exist", param="model")
 
+    def _answers_every_name(self) -> bool:
+        """One configured model serves whatever name a request gives (DESIGN's naming rule)."""
+        return len(self.configured()) == 1 and not self._settings.strict_model_names
+
+    def _default(self) -> LoadedModel | None:
+        if self._default_id in self._models:
+            return self._models[self._default_id]
+        return next(iter(self._models.values()), None)
+
+    def _loaded_named(self, name: str) -> LoadedModel | None:
+        return next((m for m in self._models.values() if m.answers_to(name)), None)
+
     async def acquire(self, requested: str | None) -> LoadedModel:
-        """Like resolve, but waits for a load in progress and loads inline when configured."""
-        if self._should_load_inline(requested):
-            assert requested is not None
-            if not leases.may_load_models():
+        """Like resolve, but waits for a load in progress and loads a named model on demand.
+
+        A configured model that is not loaded is loaded when the key may load models or the
+        model is `autoload`, else 403; files of the models folder only with inline loading.
+        """
+        entry = self._loadable(requested) if requested is not None else None
+        if entry is not None and not (leases.may_load_models() or entry.autoload):
+            if self._answers_every_name() and entry.id == self.configured()[0].id:
+                entry = None  # round 1's rule: one configured model answers every name
+            else:
                 raise PermissionDeniedError(
-                    f"loading the model `{requested}` needs the admin key", param="model"
+                    f"the model `{requested}` is not loaded, and loading it needs the admin key",
+                    param="model",
                 )
-            await self.load_named(requested)
-        elif not self._models and self.loading is not None:
+        if entry is not None:
+            await self._load_once(entry)
+        elif self._default() is None and self.loading is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._ready.wait(), LOAD_WAIT_SECONDS)
         return self.resolve(requested)
 
     def get(self, name: str) -> LoadedModel:
         """The loaded model called exactly `name`."""
-        for model in self._models.values():
-            if name in model.names:
-                return model
-        raise ModelNotFoundError(f"the model `{name}` does not exist", param="model")
+        model = self._loaded_named(name)
+        if model is None:
+            raise ModelNotFoundError(f"the model `{name}` does not exist", param="model")
+        return model
 
-    def _should_load_inline(self, requested: str | None) -> bool:
-        if not requested or not self._settings.inline_model_loading or self._is_loaded(requested):
-            return False
-        return any(entry.name == requested for entry in self.available())
+    def _loadable(self, name: str) -> ModelEntry | None:
+        """The entry a request naming `name` may load, when it is not loaded."""
+        if self._loaded_named(name) is not None:
+            return None
+        for entry in self.configured():
+            if bare_name(name) in entry.names or name in entry.names:
+                return entry
+        if self._settings.inline_model_loading:
+            stem = bare_name(name)
+            if any(f.name == stem for f in self.available()):
+                return ModelEntry(id=stem)
+        return None
 
     def _is_loaded(self, name: str) -> bool:
-        return any(name in model.names for model in self._models.values())
+        return self._loaded_named(name) is not None
 
     # ---- loading ----
 
     async def load_configured(self) -> LoadedModel:
-        """Check and load the model the settings name (or the bundled default)."""
-        path = Path(self._settings.model) if self._settings.model else default_model_path()
-        names = self._settings.served_model_name or [path.stem]
-        template_file = Path(self._settings.chat_template) if self._settings.chat_template else None
-        source = LoadSource(path, tuple(names), self.engine_settings(), template_file)
+        """Check and load the start-up model (the settings' `model`, or the first configured)."""
+        entry = self._startup_entry()
+        source = self._source(entry, {})
         self.loading = source.names[0]  # requests wait for the start-up model, checks included
         try:
-            await self._check_file(source)
-            return await self._load(source)
+            need = await self._check_file(source) if self._swapping else None
+            model = await self._load(source, need)
         except Exception as exc:
             self.load_error = str(exc)
             raise
         finally:
             self.loading = None
+        self._default_id = model.id
+        return model
+
+    def _startup_entry(self) -> ModelEntry:
+        """The model served at start: `model` (or the bundled one), else the first of `models`."""
+        s = self._settings
+        if s.model is None and s.models:
+            return s.models[0].model_copy(update={"pinned": True})
+        path = Path(s.model) if s.model else default_model_path()
+        names = s.served_model_name or [path.stem]
+        template = Path(s.chat_template) if s.chat_template else None
+        return ModelEntry(
+            id=names[0], path=path, aliases=names[1:], chat_template=template, pinned=True
+        )
 
     async def load_named(
         self,
@@ -241,21 +349,70 @@ class ModelManager:
         overrides: Mapping[str, Any] | None = None,
         on_progress: ProgressCallback | None = None,
     ) -> LoadedModel:
-        """Validate and load a model of the models folder, then swap it in for the current one.
+        """Validate and load a configured model or one of the models folder.
 
+        With max_loaded_models 1 it replaces the loaded model (which becomes this one);
+        otherwise it joins them, unloading the least recently used idle ones to make room.
         `overrides` replace configured engine settings for this load (`engine` among them).
         """
         progress = on_progress or (lambda stage, fraction: None)
-        engine = self.engine_settings(overrides or {})
-        suffixes = self.engines.get(engine.engine).model_suffixes
-        path = resolve_file(self._settings.models_dir, name, suffixes, "model")
-        source = LoadSource(path, (name,), engine)
+        entry = next((e for e in self.configured() if name in e.names), None)
+        source = self._source(entry or ModelEntry(id=name), overrides or {})
         progress("validating", 0.1)
-        await self._check_file(source)
+        # Before the lock, so a bad file never waits; several models: checked making room.
+        need = await self._check_file(source) if self._swapping else None
         progress("loading", 0.3)
-        model = await self._load(source)
+        model = await self._load(source, need)
+        if self._swapping:
+            self._default_id = model.id
         progress("ready", 1.0)
         return model
+
+    def _source(self, entry: ModelEntry, overrides: Mapping[str, Any]) -> LoadSource:
+        """How to load `entry`: its file, names and engine settings (with `overrides` on top)."""
+        engine = self.engine_settings({**entry.engine_overrides(), **overrides})
+        path = entry.path
+        if path is None:
+            suffixes = self.engines.get(engine.engine).model_suffixes
+            path = resolve_file(self._settings.models_dir, entry.id, suffixes, "model")
+        keep_alive = entry.keep_alive if "keep_alive" in entry.model_fields_set else None
+        return LoadSource(
+            path=path,
+            names=entry.names,
+            engine=engine,
+            template_file=entry.chat_template,
+            keep_alive=self._settings.keep_alive if keep_alive is None else keep_alive,
+            pinned=entry.pinned,
+        )
+
+    async def _load_once(self, entry: ModelEntry) -> LoadedModel:
+        """Load `entry` on demand; requests naming it meanwhile wait for the same load.
+
+        When every waiting request has gone before the engine load started (clients hung up
+        while the file was checked), the load is abandoned; once started it always finishes
+        and registers (see `_shielded`).
+        """
+        task = self._pending.get(entry.id)
+        if task is None:
+            task = asyncio.create_task(self.load_named(entry.id))
+            self._pending[entry.id] = task
+            task.add_done_callback(lambda _: self._pending.pop(entry.id, None))
+        self._waiters[entry.id] = self._waiters.get(entry.id, 0) + 1
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), ON_DEMAND_WAIT_SECONDS)
+        except TimeoutError:
+            raise ServiceUnavailableError(f"the model `{entry.id}` is still loading") from None
+        except asyncio.CancelledError:
+            if self._waiters[entry.id] == 1:
+                task.cancel()  # nobody waits: stop before the engine load (it is shielded)
+            raise
+        finally:
+            self._waiters[entry.id] -= 1
+
+    @property
+    def _swapping(self) -> bool:
+        """One model at a time: a load replaces it (TabbyAPI's way)."""
+        return self._settings.max_loaded_models == 1
 
     def engine_settings(self, overrides: Mapping[str, Any] | None = None) -> EngineSettings:
         """The configured engine settings with `overrides` on top, as the engine's own model.
@@ -282,14 +439,14 @@ class ModelManager:
     def _factory(self, source: LoadSource) -> EngineFactory:
         return self.engines.get(source.engine.engine)
 
-    async def _check_file(self, source: LoadSource) -> None:
-        """The engine's checks of the file and settings, before it loads anything."""
+    async def _check_file(self, source: LoadSource) -> int:
+        """The engine's checks of the file and settings; the memory it will hold, estimated."""
         factory = self._factory(source)
-        await asyncio.to_thread(factory.check, source.engine, source.path, source.names[0])
+        return await asyncio.to_thread(factory.check, source.engine, source.path, source.names[0])
 
-    async def _load(self, source: LoadSource) -> LoadedModel:
+    async def _load(self, source: LoadSource, need: int | None) -> LoadedModel:
         """Load and swap in; the load goes on (and registers) even if the caller is cancelled."""
-        return await self._shielded(self._load_locked(source))
+        return await self._shielded(self._load_locked(source, need))
 
     async def _shielded(self, work: Coroutine[Any, Any, T]) -> T:
         task = asyncio.create_task(work)
@@ -297,10 +454,73 @@ class ModelManager:
         task.add_done_callback(self._loads.discard)
         return await asyncio.shield(task)
 
-    async def _load_locked(self, source: LoadSource) -> LoadedModel:
+    async def _load_locked(self, source: LoadSource, need: int | None) -> LoadedModel:
+        """`need`: the checked file's memory estimate (None: check it while making room)."""
         async with self._lock:
+            if need is None:
+                need = await self._make_room(source)
             engine, template = await self._start_engine(source)
-            return self._swap_in(engine, source, template)
+            model = self._swap_in(engine, source, template)
+            model.memory_bytes = need
+            return model
+
+    async def _make_room(self, source: LoadSource) -> int:
+        """Unload least recently used idle models until `source` fits; its memory estimate.
+
+        Limits: max_loaded_models, memory_budget_mb and the memory the engine finds free.
+        Models serving requests are never cut off: only idle ones go (this waits, bounded,
+        for one to become idle), and their close is awaited so the memory is really free
+        before the new one loads.
+        """
+        deadline = time.monotonic() + ON_DEMAND_WAIT_SECONDS
+        need: int | None = None
+        while True:
+            others = [m for m in self._models.values() if m.id != source.names[0]]
+            if need is None:
+                try:
+                    need = await self._check_file(source)
+                except InsufficientMemoryError:
+                    if await self._evict_one(others) or await self._idle_soon(others, deadline):
+                        continue
+                    raise
+            held = sum(m.memory_bytes for m in others)
+            if len(others) < self._settings.max_loaded_models and self._fits(held + need):
+                return need
+            if await self._evict_one(others):
+                need = None  # memory was freed: the engine's estimate of what is free changed
+                continue
+            if await self._idle_soon(others, deadline):
+                continue
+            raise InsufficientMemoryError(
+                f"{source.names[0]} does not fit beside the loaded models "
+                f"(max_loaded_models {self._settings.max_loaded_models}, memory budget "
+                f"{self._settings.memory_budget_mb} MiB), and none of them could be unloaded"
+            )
+
+    def _evictable(self, models: list[LoadedModel]) -> list[LoadedModel]:
+        return [m for m in models if not m.pinned and m.id != self._default_id]
+
+    async def _idle_soon(self, models: list[LoadedModel], deadline: float) -> bool:
+        """Wait a moment when a model that may go is busy; False when none may or time is up."""
+        if not self._evictable(models) or time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(DRAIN_POLL_SECONDS)
+        return True
+
+    def _fits(self, total_bytes: int) -> bool:
+        budget = self._settings.memory_budget_mb
+        return budget is None or total_bytes <= budget << 20
+
+    async def _evict_one(self, candidates: list[LoadedModel]) -> bool:
+        """Unload the least recently used idle, unpinned model and wait for it to close."""
+        idle = [m for m in self._evictable(candidates) if m.idle]
+        if not idle:
+            return False
+        victim = min(idle, key=lambda m: m.last_used)
+        log.info("unloading %s to make room", victim.id)
+        self._models.pop(victim.id, None)
+        await victim.engine.close()
+        return True
 
     async def _start_engine(self, source: LoadSource) -> tuple[Engine, ChatTemplate]:
         """A running engine for `source` and its chat template (the caller holds the lock)."""
@@ -336,22 +556,46 @@ class ModelManager:
         return model
 
     def _swap_in(self, engine: Engine, source: LoadSource, template: ChatTemplate) -> LoadedModel:
-        previous = list(self._models.values())
-        self._models.clear()
+        """Serve the new engine; what it replaces (all, when swapping) drains, then closes."""
+        replaced = [m for m in self._models.values() if self._swapping or m.id == source.names[0]]
+        for old in replaced:
+            self._models.pop(old.id, None)
         model = self.register(engine, list(source.names), template, source)
-        for old in previous:
+        model.keep_alive, model.pinned = source.keep_alive, source.pinned
+        for old in replaced:
             self._retire(old)
         return model
 
-    async def unload(self) -> list[str]:
-        """Stop serving every model; requests already running finish first."""
+    async def unload(self, name: str | None = None) -> list[str]:
+        """Stop serving `name` (None: every model); requests already running finish first."""
         async with self._lock:
-            unloaded = [model.id for model in self._models.values()]
-            for model in list(self._models.values()):
+            chosen = [m for m in self._models.values() if name is None or m.answers_to(name)]
+            if name is not None and not chosen:
+                raise ModelNotFoundError(f"the model `{name}` is not loaded", param="model_name")
+            for model in chosen:
+                self._models.pop(model.id, None)
                 self._retire(model)
-            self._models.clear()
-            self._ready.clear()
-            return unloaded
+            if not self._models:
+                self._ready.clear()
+            return [model.id for model in chosen]
+
+    def set_keep_alive(self, model: LoadedModel, seconds: float | None) -> None:
+        """A request's `keep_alive` (Ollama's): idle seconds before unloading, None: never.
+
+        The default and pinned models stay regardless; 0 unloads once the model is idle.
+        """
+        model.keep_alive = seconds
+
+    def _expire_idle(self) -> None:
+        """Unload models idle for longer than their keep_alive (never the default or pinned)."""
+        now = time.monotonic()
+        for model in list(self._models.values()):
+            if model.pinned or model.id == self._default_id or model.keep_alive is None:
+                continue
+            if model.idle and now - model.last_used >= model.keep_alive:
+                log.info("unloading %s: idle for %.0f s", model.id, now - model.last_used)
+                self._models.pop(model.id, None)
+                self._retire(model)
 
     def _retire(self, model: LoadedModel) -> None:
         task = asyncio.create_task(self._drain_and_close(model))
@@ -399,6 +643,7 @@ class ModelManager:
         while True:
             for model in list(self._models.values()):
                 self._notice_death(model)
+            self._expire_idle()
             await asyncio.sleep(MONITOR_SECONDS)
 
     def _notice_death(self, model: LoadedModel) -> None:
@@ -435,9 +680,21 @@ class ModelManager:
             if self._models.get(model.id) is not model:
                 return  # swapped out or unloaded meanwhile: nothing to revive
             engine, _ = await self._start_engine(source)
-            revived = self._swap_in(engine, source, model.gguf_template)
+            revived = self._swap_in_one(engine, source, model)
             revived.template = model.template  # keep a template the admin switched to
             log.info("model %s reloaded after its engine died", model.id)
+
+    def _swap_in_one(self, engine: Engine, source: LoadSource, old: LoadedModel) -> LoadedModel:
+        """A revived engine in place of the dead one, whatever the load mode."""
+        self._models.pop(old.id, None)
+        model = self.register(engine, list(source.names), old.gguf_template, source)
+        model.keep_alive, model.pinned, model.memory_bytes = (
+            old.keep_alive,
+            old.pinned,
+            old.memory_bytes,
+        )
+        self._retire(old)
+        return model
 
     def declare_fatal(self, reason: str) -> None:
         """Nothing can serve: tell the server (which answers what runs, then exits non-zero)."""
@@ -465,6 +722,11 @@ class ModelManager:
     @staticmethod
     def _template(engine: Engine, template_file: Path | None) -> ChatTemplate:
         info = engine.info
+        # A built-in name (`chatml`, `llama3`, ...) unless a file of that name exists.
+        builtin = None if template_file is None else builtin_template(str(template_file))
+        if template_file is not None and builtin is not None and not template_file.exists():
+            origin = f"builtin:{template_file}"
+            return load_template(builtin, origin, info.bos_token, info.eos_token)
         if template_file is not None:
             source = read_template_file(template_file)
             return load_template(

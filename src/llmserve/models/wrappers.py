@@ -50,6 +50,12 @@ class EngineDecorator:
         """Delegated."""
         await self.inner.set_adapters(adapters)
 
+    async def embed(
+        self, prompts: Sequence[list[int]], normalize: bool = True
+    ) -> list[list[float]]:
+        """Delegated."""
+        return await self.inner.embed(prompts, normalize)
+
     async def close(self) -> None:
         """Delegated."""
         await self.inner.close()
@@ -111,6 +117,18 @@ class CapabilityCheck(EngineDecorator):
                 code="unsupported_parameter",
             )
         await self.inner.set_adapters(adapters)
+
+    async def embed(
+        self, prompts: Sequence[list[int]], normalize: bool = True
+    ) -> list[list[float]]:
+        """Delegated, unless the engine declares it has no embeddings."""
+        if not self.info.capabilities.embeddings:
+            raise InvalidRequestError(
+                f"the engine serving {self.info.id} does not compute embeddings",
+                param="model",
+                code="unsupported_parameter",
+            )
+        return await self.inner.embed(prompts, normalize)
 
 
 # ---- time limit -------------------------------------------------------------------------------
@@ -179,6 +197,19 @@ class InstrumentedEngine(EngineDecorator):
                 yield delta
         finally:
             await stream.aclose()  # type: ignore[attr-defined]
+
+    async def embed(
+        self, prompts: Sequence[list[int]], normalize: bool = True
+    ) -> list[list[float]]:
+        """The inner vectors; their tokens count as prompt tokens."""
+        vectors = await self.inner.embed(prompts, normalize)
+        tokens = sum(len(prompt) for prompt in prompts)
+        self.metrics.tokens.labels("prompt").inc(tokens)
+        record = current_request.get()
+        if record is not None:
+            record.model = self.info.id
+            record.prompt_tokens += tokens
+        return vectors
 
     def _count(self, delta: Delta, record: RequestRecord | None) -> None:
         usage = delta.usage

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -30,6 +30,12 @@ class ModelLoadRequest(BaseModel):
         if self.max_seq_len is not None:
             overrides.setdefault("ctx_size", self.max_seq_len)
         return overrides
+
+
+class ModelUnloadRequest(BaseModel):
+    """POST /v1/model/unload: one model by name, or (no body) every loaded model."""
+
+    model_name: str | None = Field(default=None, min_length=1)
 
 
 class ModelLoadProgress(BaseModel):
@@ -153,15 +159,28 @@ class TokenDecodeResponse(BaseModel):
 
 
 class TokenizeRequest(BaseModel):
-    """POST /tokenize (vLLM): a prompt or chat messages."""
+    """POST /tokenize in vLLM's shape (`prompt` or `messages`) or llama.cpp's (`content`)."""
 
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
-    add_special_tokens: bool = True
+    content: str | list[str | Annotated[int, Field(ge=0)]] | None = Field(
+        None, description="llama.cpp's field: text, token ids, or a mix of both."
+    )
+    add_special_tokens: bool | None = Field(None, description="vLLM's name; default true.")
+    add_special: bool | None = Field(None, description="llama.cpp's name; default false.")
+    parse_special: bool = Field(True, description="Special-token text is always parsed.")
+    with_pieces: bool = False
     add_generation_prompt: bool = True
     # As on chat: None continues a trailing assistant message unless add_generation_prompt is sent.
     continue_final_message: bool | None = None
+
+    def adds_special(self) -> bool:
+        """Whether BOS &c. are added: either flag when sent, else each API's own default."""
+        for flag in (self.add_special, self.add_special_tokens):
+            if flag is not None:
+                return flag
+        return self.content is None  # vLLM adds them by default, llama.cpp does not
 
     def continues_final_message(self) -> bool:
         """Whether the rendered chat ends inside its final assistant message, as chat would."""
@@ -173,25 +192,33 @@ class TokenizeRequest(BaseModel):
         )
 
 
-class TokenizeResponse(BaseModel):
-    """vLLM's tokenize answer."""
+class TokenPiece(BaseModel):
+    """A token with its text (llama.cpp's `with_pieces`)."""
 
-    tokens: list[int]
+    id: int
+    piece: str
+
+
+class TokenizeResponse(BaseModel):
+    """Both APIs' tokenize answer: `tokens` (objects only with `with_pieces`), `count`, ..."""
+
+    tokens: list[int] | list[TokenPiece]
     count: int
     max_model_len: int
 
 
 class DetokenizeRequest(BaseModel):
-    """POST /detokenize (vLLM)."""
+    """POST /detokenize (vLLM's and llama.cpp's: both send `tokens`)."""
 
     model: str | None = None
     tokens: list[int]
 
 
 class DetokenizeResponse(BaseModel):
-    """vLLM's detokenize answer."""
+    """Both APIs' detokenize answer: vLLM reads `prompt`, llama.cpp `content`."""
 
     prompt: str
+    content: str
 
 
 class TokenizerInfo(BaseModel):

@@ -14,6 +14,7 @@ from llmserve.api.admin.protocol import (
     LoraLoadRequest,
     ModelCardDetails,
     ModelLoadRequest,
+    ModelUnloadRequest,
     OverrideList,
     OverrideSwitchRequest,
     StatusResponse,
@@ -54,8 +55,8 @@ def build_admin_router() -> APIRouter:
         return json_or_sse(await admin.load_model(body))
 
     @router.post("/v1/model/unload")
-    async def unload_model(admin: Admin) -> StatusResponse:
-        return await admin.unload_model()
+    async def unload_model(admin: Admin, body: ModelUnloadRequest | None = None) -> StatusResponse:
+        return await admin.unload_model(body.model_name if body is not None else None)
 
     @router.post("/v1/lora/load")
     async def load_loras(body: LoraLoadRequest, admin: Admin) -> StatusResponse:

@@ -31,6 +31,7 @@ from llmserve.api.admin.protocol import (
     TokenizeRequest,
     TokenizeResponse,
     TokenizerInfo,
+    TokenPiece,
 )
 from llmserve.api.common import ChatMessage
 from llmserve.api.overrides import OverrideValue, SamplingOverrides
@@ -112,9 +113,9 @@ class AdminServing:
         first = await _next_event(queue, task)  # a bad name or file fails here, as a 4xx
         return _progress_events(first, queue, task)
 
-    async def unload_model(self) -> StatusResponse:
-        """Stop serving the loaded model(s)."""
-        unloaded = await self.models.unload()
+    async def unload_model(self, name: str | None = None) -> StatusResponse:
+        """Stop serving `name`, or every loaded model."""
+        unloaded = await self.models.unload(name)
         self.loras.scales.clear()
         return StatusResponse(status="unloaded", detail=", ".join(unloaded) or None)
 
@@ -212,30 +213,26 @@ class AdminServing:
         return TokenDecodeResponse(text=model.engine.detokenize(_checked_ids(model, body.tokens)))
 
     async def tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
-        """vLLM's /tokenize."""
+        """POST /tokenize: vLLM's `prompt`/`messages` or llama.cpp's `content`, one answer."""
+        if not body.parse_special:
+            raise InvalidRequestError(
+                "parse_special: false is not supported: special-token text is always parsed",
+                param="parse_special",
+            )
         model = await self.models.acquire(body.model)
-        if body.messages is not None:
-            ids = await asyncio.to_thread(
-                _chat_ids,
-                model,
-                body.messages,
-                body.add_generation_prompt,
-                body.continues_final_message(),
-            )
-        elif body.prompt is not None:
-            ids = await asyncio.to_thread(
-                model.engine.tokenize, body.prompt, body.add_special_tokens
-            )
-        else:
-            raise InvalidRequestError("give `prompt` or `messages`", param="prompt")
+        ids = await asyncio.to_thread(_request_ids, model, body)
+        tokens: list[int] | list[TokenPiece] = ids
+        if body.with_pieces:
+            tokens = [TokenPiece(id=t, piece=model.engine.detokenize([t])) for t in ids]
         return TokenizeResponse(
-            tokens=ids, count=len(ids), max_model_len=model.engine.info.context_length
+            tokens=tokens, count=len(ids), max_model_len=model.engine.info.context_length
         )
 
     async def detokenize(self, body: DetokenizeRequest) -> DetokenizeResponse:
-        """vLLM's /detokenize."""
+        """POST /detokenize: the text under both APIs' keys."""
         model = await self.models.acquire(body.model)
-        return DetokenizeResponse(prompt=model.engine.detokenize(_checked_ids(model, body.tokens)))
+        text = model.engine.detokenize(_checked_ids(model, body.tokens))
+        return DetokenizeResponse(prompt=text, content=text)
 
     def tokenizer_info(self) -> TokenizerInfo:
         """What a remote tokenizer client needs."""
@@ -327,12 +324,36 @@ def _chat_ids(
     )
 
 
-def _checked_ids(model: LoadedModel, ids: list[int]) -> list[int]:
+def _request_ids(model: LoadedModel, body: TokenizeRequest) -> list[int]:
+    """The token ids of a /tokenize request, whichever shape it came in."""
+    given = [n for n in ("prompt", "messages", "content") if getattr(body, n) is not None]
+    if len(given) != 1:
+        raise InvalidRequestError(
+            "give exactly one of `prompt`, `messages` (vLLM) or `content` (llama.cpp)"
+            + (f"; got {', '.join(given)}" if given else ""),
+            param=given[-1] if given else "prompt",
+        )
+    if body.messages is not None:
+        return _chat_ids(
+            model, body.messages, body.add_generation_prompt, body.continues_final_message()
+        )
+    text = body.prompt if body.prompt is not None else body.content
+    parts = [text] if isinstance(text, str) else text or []
+    ids: list[int] = []
+    for part in parts:  # llama.cpp's mixed form: special tokens only before the first text
+        if isinstance(part, str):
+            ids += model.engine.tokenize(part, body.adds_special() and not ids)
+        else:
+            ids.append(part)
+    return _checked_ids(model, ids, "content" if body.content is not None else "prompt")
+
+
+def _checked_ids(model: LoadedModel, ids: list[int], param: str = "tokens") -> list[int]:
     vocab = model.engine.info.vocab_size
     bad = [t for t in ids if not 0 <= t < vocab]
     if bad:
         raise InvalidRequestError(
-            f"token ids outside the vocabulary (0..{vocab - 1}): {bad[:5]}", param="tokens"
+            f"token ids outside the vocabulary (0..{vocab - 1}): {bad[:5]}", param=param
         )
     return ids
 

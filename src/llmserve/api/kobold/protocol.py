@@ -8,7 +8,6 @@ from typing import Annotated, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from llmserve.api.sampling import SamplerFields, aliased
-from llmserve.core.errors import UnsupportedSamplerError
 
 DEFAULT_MAX_LENGTH = 180  # KoboldCpp's default `max_length`
 DEFAULT_REP_PEN_RANGE = 320  # KoboldCpp's default `rep_pen_range`
@@ -70,15 +69,15 @@ class KoboldGenerateRequest(SamplerFields):
     stop: str | list[str | None] | None = Field(
         None, validation_alias=aliased("stop_sequence", "stop")
     )
-    rep_pen_slope: float | None = None
-    sampler_order: list[int] | None = None
+    sampler_order: list[int] | None = Field(
+        None, description="Accepted; the order is KoboldCpp's default (see README)."
+    )
     trim_stop: bool | None = True
     singleline: bool | None = False
     use_default_badwordsids: bool | None = False
     banned_tokens: list[str | Annotated[int, Field(ge=0)]] | None = None  # type: ignore[assignment]
     grammar: str | None = None
-    dynatemp_range: float | None = Field(None, ge=0)
-    dynatemp_exponent: float | None = None
+    smoothing_factor: float | None = Field(None, description="Accepted and ignored.")
     genkey: str | None = None
     # KoboldAI United's story features; a client sends the finished prompt instead.
     use_story: bool | None = None
@@ -118,24 +117,6 @@ class KoboldGenerateRequest(SamplerFields):
         """Stop strings: `stop_sequence` plus a newline for `singleline`."""
         stops = super().stop_strings()
         return (*stops, "\n") if self.singleline else stops
-
-    def reject_unsupported(self) -> None:
-        """400 for Kobold samplers llama.cpp lacks, at values that would change the output."""
-        slope = self.rep_pen_slope
-        # KoboldCpp reads a slope outside (0, 1) as "no slope", and a slope only scales a penalty.
-        penalized = self.repetition_penalty is not None and self.repetition_penalty > 1.0
-        if slope is not None and 0.0 < slope < 1.0 and penalized:
-            raise UnsupportedSamplerError(
-                "sampler `rep_pen_slope` is not supported by the llama.cpp engine; "
-                "leave it unset or at 1",
-                param="rep_pen_slope",
-            )
-        if self.dynatemp_range:
-            raise UnsupportedSamplerError(
-                "dynamic temperature (`dynatemp_range` > 0) is not supported by the llama.cpp "
-                "engine; leave it unset or at 0",
-                param="dynatemp_range",
-            )
 
 
 class GenkeyRequest(BaseModel):

@@ -68,7 +68,11 @@ from llmserve.engines.base import Engine
 from llmserve.models.manager import LoadedModel, ModelManager
 
 # Engine field names in errors, as Kobold requests spell them.
-KOBOLD_PARAMS = {"max_tokens": "max_length", "banned_token_ids": "banned_tokens"}
+KOBOLD_PARAMS = {
+    "max_tokens": "max_length",
+    "banned_token_ids": "banned_tokens",
+    "repetition_penalty_slope": "rep_pen_slope",
+}
 
 ERROR_TYPES = {
     401: "unauthorized",
@@ -162,7 +166,8 @@ class KoboldServing:
         body = self.overrides.apply(body)
         self.last_request = time.monotonic()
         model = self.models.resolve(None)
-        prompt_ids, params = await asyncio.to_thread(_prepare, model, body)
+        with dialect_params(KOBOLD_PARAMS):
+            prompt_ids, params = await asyncio.to_thread(_prepare, model, body)
         generation = Generation(new_id("kai"), model.engine, self._ref(caller_key, body.genkey))
         self._register(generation)
         started = time.monotonic()
@@ -388,7 +393,6 @@ def _event(chunk: KoboldStreamChunk | KoboldStreamError) -> ServerSentEvent:
 
 def _prepare(model: LoadedModel, body: KoboldGenerateRequest) -> tuple[list[int], SamplingParams]:
     """Tokenize and translate a request (in a worker thread: tokenizing takes time)."""
-    body.reject_unsupported()
     engine = model.engine
     context = engine.info.context_length
     max_length = body.output_limit() or DEFAULT_MAX_LENGTH

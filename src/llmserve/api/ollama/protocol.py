@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -211,9 +211,64 @@ class GenerateRequest(GenerationFields):
     suffix: str | None = None
     system: str | None = None
     template: str | None = None
-    context: list[int] | None = None  # deprecated by Ollama: the tokens of an earlier answer
+    # Deprecated by Ollama: the tokens of an earlier answer (llama_token is int32).
+    context: list[Annotated[int, Field(ge=0, le=2**31 - 1)]] | None = None
     raw: bool | None = None
     images: list[str] | None = None
+
+
+MAX_EMBED_INPUTS = 2048  # per request, as the OpenAI route allows
+
+
+class EmbedRequest(BaseModel):
+    """Body of /api/embed: one text or a list; `truncate` (default on) cuts what overflows."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str = ""
+    input: str | list[str] = Field(min_length=1)
+    truncate: bool = True
+    keep_alive: KeepAlive = None
+    options: dict[str, Any] | None = None
+    dimensions: int | None = None
+
+    def texts(self) -> list[str]:
+        """The inputs as a list, each checked to be non-empty."""
+        texts = [self.input] if isinstance(self.input, str) else list(self.input)
+        if len(texts) > MAX_EMBED_INPUTS:
+            raise InvalidRequestError(
+                f"input has {len(texts)} entries; at most {MAX_EMBED_INPUTS}", param="input"
+            )
+        if not all(texts):
+            raise InvalidRequestError("input must not contain empty strings", param="input")
+        return texts
+
+
+class EmbedResponse(BaseModel):
+    """/api/embed's answer: L2-normalized vectors, in input order."""
+
+    model: str
+    embeddings: list[list[float]]
+    total_duration: int
+    load_duration: int = 0
+    prompt_eval_count: int
+
+
+class LegacyEmbeddingRequest(BaseModel):
+    """Body of the older /api/embeddings: one `prompt`."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str = ""
+    prompt: str = Field(min_length=1)
+    keep_alive: KeepAlive = None
+    options: dict[str, Any] | None = None
+
+
+class LegacyEmbeddingResponse(BaseModel):
+    """/api/embeddings' answer: one vector, not normalized (as Ollama's)."""
+
+    embedding: list[float]
 
 
 class ModelRequest(BaseModel):

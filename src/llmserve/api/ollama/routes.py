@@ -7,7 +7,7 @@ from contextlib import aclosing
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import PlainTextResponse, RedirectResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.types import Send
 
@@ -15,7 +15,11 @@ from llmserve.api.http import LenientJSONRoute, unless_disconnected
 from llmserve.api.ollama.protocol import (
     OLLAMA_BANNER,
     ChatRequest,
+    EmbedRequest,
+    EmbedResponse,
     GenerateRequest,
+    LegacyEmbeddingRequest,
+    LegacyEmbeddingResponse,
     ModelRequest,
     PsResponse,
     ShowResponse,
@@ -89,8 +93,10 @@ def build_open_router() -> APIRouter:
     router = APIRouter(route_class=LenientJSONRoute, tags=["ollama"])
 
     async def banner(request: Request) -> Response:
-        # Hook: browsers (`Accept: text/html`) will be redirected to the web UI at /ui once
-        # the lead wires it; every other client gets Ollama's banner, byte for byte.
+        # Browsers go to the web UI; every other client gets Ollama's banner, byte for byte
+        # (opencode compares it).
+        if "text/html" in request.headers.get("accept", ""):
+            return RedirectResponse("/ui", status_code=307)
         return PlainTextResponse(OLLAMA_BANNER)
 
     async def version() -> VersionResponse:
@@ -145,8 +151,16 @@ def _add_generation_routes(router: APIRouter) -> None:
         work = _serving(request).generate(body, _is_admin(request))
         return json_or_ndjson(await unless_disconnected(request, work))
 
+    async def embed(body: EmbedRequest, request: Request) -> EmbedResponse:
+        return await unless_disconnected(request, _serving(request).embed(body))
+
+    async def embeddings(body: LegacyEmbeddingRequest, request: Request) -> LegacyEmbeddingResponse:
+        return await unless_disconnected(request, _serving(request).embeddings(body))
+
     router.add_api_route("/api/chat", chat, methods=["POST"])
     router.add_api_route("/api/generate", generate, methods=["POST"])
+    router.add_api_route("/api/embed", embed, methods=["POST"])
+    router.add_api_route("/api/embeddings", embeddings, methods=["POST"])
 
 
 def _add_unsupported_routes(router: APIRouter) -> None:

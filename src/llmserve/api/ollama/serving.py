@@ -17,7 +17,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +32,15 @@ from llmserve.api.ollama.protocol import (
     ChatRequest,
     ChunkBase,
     DoneReason,
+    EmbedRequest,
+    EmbedResponse,
     ErrorBody,
     GenerateChunk,
     GenerateRequest,
     GenerationFields,
+    KeepAlive,
+    LegacyEmbeddingRequest,
+    LegacyEmbeddingResponse,
     ModelDetails,
     ModelEntry,
     ModelRequest,
@@ -66,6 +71,7 @@ from llmserve.core.errors import (
 from llmserve.core.params import SamplingParams
 from llmserve.core.request import FinishReason, GenerationRequest, Usage
 from llmserve.core.streams import IndexedDelta, open_streams
+from llmserve.models.catalog import parse_duration
 from llmserve.models.manager import LoadedModel, ModelManager
 
 log = logging.getLogger(__name__)
@@ -352,7 +358,7 @@ class OllamaServing:
                     size=model.engine.info.size_bytes,
                     digest=digest(model),
                     details=details(model),
-                    expires_at=timestamp(NEVER),
+                    expires_at=timestamp(_expires_at(model)),
                     size_vram=0,
                     context_length=model.engine.info.context_length,
                 )
@@ -390,6 +396,35 @@ class OllamaServing:
             )
         return StatusResponse(status="success")
 
+    # ---- embeddings ----
+
+    async def embed(self, body: EmbedRequest) -> EmbedResponse:
+        """POST /api/embed: normalized vectors; too long inputs cut unless truncate is off."""
+        if body.dimensions is not None:
+            raise InvalidRequestError(
+                "dimensions is not supported: vectors have the model's own size",
+                param="dimensions",
+            )
+        started = time.perf_counter_ns()
+        model = await self._acquire(body.model)
+        prompts = await asyncio.to_thread(_embedding_prompts, model, body.texts(), body.truncate)
+        with dialect_params({"prompts": "input"}):
+            vectors = await model.engine.embed(prompts)
+        return EmbedResponse(
+            model=body.model or tagged(model.id),
+            embeddings=vectors,
+            total_duration=time.perf_counter_ns() - started,
+            prompt_eval_count=sum(len(p) for p in prompts),
+        )
+
+    async def embeddings(self, body: LegacyEmbeddingRequest) -> LegacyEmbeddingResponse:
+        """POST /api/embeddings: one vector for `prompt`, not normalized (Ollama's older route)."""
+        model = await self._acquire(body.model)
+        prompts = await asyncio.to_thread(_embedding_prompts, model, [body.prompt], False)
+        with dialect_params({"prompts": "prompt"}):
+            (vector,) = await model.engine.embed(prompts, normalize=False)
+        return LegacyEmbeddingResponse(embedding=vector)
+
     # ---- generation ----
 
     async def chat(self, body: ChatRequest, admin: bool) -> ChunkBase | AsyncIterator[str]:
@@ -400,6 +435,7 @@ class OllamaServing:
             return await self._load_call(body, admin, self._chat_chunk)
         clock = Clock()
         model = await self._acquire(body.model)
+        self._keep_alive(model, body.keep_alive)
         clock.loaded = time.perf_counter_ns()
         plan = _tool_plan(body)
         options = self._options(body)
@@ -419,6 +455,7 @@ class OllamaServing:
             return await self._load_call(body, admin, self._generate_chunk)
         clock = Clock()
         model = await self._acquire(body.model)
+        self._keep_alive(model, body.keep_alive)
         clock.loaded = time.perf_counter_ns()
         options = self._options(body)
         prompt_ids = await asyncio.to_thread(_prepare_generate, model, body)
@@ -453,6 +490,21 @@ class OllamaServing:
         clock.first = time.perf_counter_ns()
         return Run(deltas, clock)
 
+    def _keep_alive(self, model: LoadedModel, value: KeepAlive) -> None:
+        """A request's keep_alive becomes the model's idle time before unloading.
+
+        The manager never unloads the default or a pinned model this way; Go durations it
+        cannot read (`1h30m`) are ignored.
+        """
+        if value is None:
+            return
+        try:
+            seconds = parse_duration(value)
+        except ValueError:
+            log.debug("keep_alive %r is not a duration llmserve reads; ignored", value)
+            return
+        self.models.set_keep_alive(model, seconds)
+
     def _echo(self, body: GenerationFields, model: LoadedModel) -> str:
         """The name a response carries: the client's, as Ollama echoes it."""
         return body.model or tagged(model.id)
@@ -483,7 +535,7 @@ class OllamaServing:
             model = await self._acquire(body.model)
             name = self._echo(body, model)
             self._unloaded = [entry for m in self.models.loaded() for entry in entries(m)]
-            unloaded = await self.models.unload()
+            unloaded = await self.models.unload(model.id)
             log.info("keep_alive: 0 unloaded %s", ", ".join(unloaded))
             answer: ChunkBase = chunk(name, "", final_fields("unload", None))
         else:
@@ -559,6 +611,30 @@ class OllamaServing:
 
 
 # ---- request translation ----
+
+
+def _expires_at(model: LoadedModel) -> datetime:
+    """When an idle model would be unloaded (far away when it never is)."""
+    if model.keep_alive is None or model.pinned:
+        return NEVER
+    idle_for = time.monotonic() - model.last_used
+    return datetime.now(UTC) + timedelta(seconds=max(0.0, model.keep_alive - idle_for))
+
+
+def _embedding_prompts(model: LoadedModel, texts: list[str], truncate: bool) -> list[list[int]]:
+    """Token ids of each text; longer than the context: cut (truncate) or a 400 naming input."""
+    limit = model.engine.info.context_length
+    prompts = []
+    for index, text in enumerate(texts):
+        ids = model.engine.tokenize(text, True)
+        if len(ids) > limit and not truncate:
+            raise InvalidRequestError(
+                f"input {index} has {len(ids)} tokens; the context holds {limit} "
+                "(send truncate: true to cut it)",
+                param="input",
+            )
+        prompts.append(ids[:limit])
+    return prompts
 
 
 def _log_unknown(body: GenerationFields, route: str) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 from pydantic import (
     BaseModel,
@@ -423,7 +423,8 @@ class ModelCard(BaseModel):
     root: str | None = None
     parent: str | None = None
     max_model_len: int | None = None
-    loaded: bool | None = None  # only in the admin listing, which includes unloaded files
+    loaded: bool | None = None  # only in listings that include models not loaded
+    status: Literal["loaded", "loading", "available"] | None = None
 
 
 class ModelList(BaseModel):
@@ -431,3 +432,52 @@ class ModelList(BaseModel):
 
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# ---- embeddings ----
+
+
+class EmbeddingRequest(BaseModel):
+    """Body of POST /v1/embeddings."""
+
+    # Unknown fields are accepted (clients send vendor extras) and logged at debug level.
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    input: str | list[str] | TokenIds | list[TokenIds]
+    encoding_format: Literal["float", "base64"] | None = "float"
+    dimensions: int | None = None  # refused: the vectors are the model's own size
+    user: str | None = None  # accepted, not used
+
+    def inputs(self) -> list[str | list[int]]:
+        """The input as a list of inputs, each a string or a list of token ids."""
+        value = self.input
+        if isinstance(value, str):
+            return [value]
+        if value and isinstance(value[0], int):
+            return [value]  # one input of token ids
+        return list(cast(list[str | list[int]], value))
+
+
+class EmbeddingData(BaseModel):
+    """One vector of an embeddings response: floats, or base64 of little-endian float32."""
+
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingUsage(BaseModel):
+    """Token counts of an embeddings response (all of them are input)."""
+
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    """Response of POST /v1/embeddings."""
+
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: EmbeddingUsage

@@ -13,11 +13,14 @@ from llmserve.api.openai.protocol import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    EmbeddingRequest,
+    EmbeddingResponse,
     ModelCard,
     ModelList,
 )
 from llmserve.api.openai.serving import OpenAIServing
 from llmserve.auth import Permission, require_api
+from llmserve.core.errors import InvalidRequestError
 
 Granted = Annotated[Permission, Depends(require_api)]
 
@@ -37,11 +40,26 @@ def build_router() -> APIRouter:
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return json_or_sse(await unless_disconnected(request, _serving(request).chat(body)))
 
+    async def embeddings(body: EmbeddingRequest, request: Request) -> EmbeddingResponse:
+        return await unless_disconnected(request, _serving(request).embeddings(body))
+
     async def list_models(request: Request, granted: Granted) -> ModelList:
         return _serving(request).list_models(include_available=granted >= Permission.ADMIN)
 
     async def get_model(model_id: str, request: Request) -> ModelCard:
         return _serving(request).model_card(model_id)
+
+    async def rerank() -> Response:
+        # vLLM's, Cohere's and llama-server's rerank/score routes: out of scope, said plainly.
+        raise InvalidRequestError(
+            "reranking and scoring are not served by llmserve; use /v1/embeddings and compare "
+            "the vectors",
+            param="model",
+            code="unsupported_endpoint",
+        )
+
+    for path in ("/v1/rerank", "/v2/rerank", "/rerank", "/v1/score", "/score", "/reranking"):
+        router.add_api_route(path, rerank, methods=["POST"], include_in_schema=False)
 
     for prefix in ("/v1", ""):
         router.add_api_route(
@@ -56,6 +74,13 @@ def build_router() -> APIRouter:
             chat_completions,
             methods=["POST"],
             response_model=ChatCompletionResponse,
+            include_in_schema=bool(prefix),
+        )
+        router.add_api_route(
+            f"{prefix}/embeddings",
+            embeddings,
+            methods=["POST"],
+            response_model=EmbeddingResponse,
             include_in_schema=bool(prefix),
         )
         router.add_api_route(

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
-from collections.abc import AsyncIterator
+import logging
+import struct
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
 
 from llmserve.api.common import FunctionCall, ToolCall, error_body, new_id, now
@@ -23,6 +26,10 @@ from llmserve.api.openai.protocol import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    EmbeddingData,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    EmbeddingUsage,
     FunctionCallChunk,
     ModelCard,
     ModelList,
@@ -39,10 +46,18 @@ from llmserve.core.request import Delta, GenerationRequest, TokenLogprob, Usage
 from llmserve.core.streams import IndexedDelta, open_streams
 from llmserve.models.manager import LoadedModel, ModelManager
 
+log = logging.getLogger(__name__)
+
 DONE = "[DONE]"
 TOOL_CALLS = "tool_calls"  # the finish_reason of a choice that ends in tool calls
 # Engine field names in errors, as the completions request spells them.
 COMPLETION_PARAMS = {"banned_token_ids": "banned_tokens"}
+EMBEDDING_PARAMS = {"prompts": "input"}
+# Inputs of one embeddings request (OpenAI's bound) and their tokens together: the engine embeds
+# them between generation steps, so the bound is on how long one request occupies it (minutes
+# for the default model on 2 CPU cores), not on what would stall other streams.
+MAX_EMBEDDING_INPUTS = 2048
+MAX_EMBEDDING_TOKENS = 65_536
 
 
 def usage_info(usage: Usage) -> UsageInfo:
@@ -97,17 +112,17 @@ class OpenAIServing:
     # ---- models ----
 
     def list_models(self, include_available: bool = False) -> ModelList:
-        """GET /v1/models: loaded models; for the admin key also every file in the models folder."""
-        cards = [card for m in self.models.loaded() for card in self._cards(m)]
-        if include_available:
+        """GET /v1/models: loaded models and those this key may load (all, for the admin key)."""
+        cards: list[ModelCard] = []
+        for state in self.models.catalog(may_load=include_available):
+            if state.model is not None:
+                cards += self._cards(state.model)
+            else:
+                cards.append(ModelCard(id=state.id, created=0, status=state.status))
+        if any(card.status is not None for card in cards) or include_available:
             for card in cards:
-                card.loaded = True
-            listed = {card.id for card in cards}
-            cards += [
-                ModelCard(id=entry.name, created=int(entry.path.stat().st_mtime), loaded=False)
-                for entry in self.models.available()
-                if entry.name not in listed
-            ]
+                card.status = card.status or "loaded"
+                card.loaded = card.status == "loaded"
         return ModelList(data=cards)
 
     def model_card(self, name: str) -> ModelCard:
@@ -173,6 +188,35 @@ class OpenAIServing:
             out.append(ids)
         return out
 
+    # ---- embeddings ----
+
+    async def embeddings(self, body: EmbeddingRequest) -> EmbeddingResponse:
+        """POST /v1/embeddings: one vector per input, in input order."""
+        if body.model_extra:
+            log.debug("embeddings: ignoring unknown fields %s", sorted(body.model_extra))
+        if body.dimensions is not None:
+            raise InvalidRequestError(
+                "dimensions is not supported: vectors have the model's own size",
+                param="dimensions",
+                code="unsupported_parameter",
+            )
+        inputs = body.inputs()
+        _check_inputs(inputs)
+        model = await self.models.acquire(body.model)
+        prompts = await asyncio.to_thread(_tokenize_inputs, model, inputs)
+        with dialect_params(EMBEDDING_PARAMS):
+            vectors = await model.engine.embed(prompts)
+        tokens = sum(len(p) for p in prompts)
+        encode = _base64_vector if body.encoding_format == "base64" else None
+        return EmbeddingResponse(
+            data=[
+                EmbeddingData(index=i, embedding=encode(v) if encode else v)
+                for i, v in enumerate(vectors)
+            ],
+            model=model.id,
+            usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens),
+        )
+
     # ---- chat ----
 
     async def chat(
@@ -227,6 +271,43 @@ class OpenAIServing:
             continue_final=continues,
         )
         return prompt_ids, constraint or tool_constraint
+
+
+def _check_inputs(inputs: Sequence[str | list[int]]) -> None:
+    """Refuse no input, an empty one, and more inputs than MAX_EMBEDDING_INPUTS (400 `input`)."""
+    if not inputs:
+        raise InvalidRequestError("input must not be empty", param="input")
+    if len(inputs) > MAX_EMBEDDING_INPUTS:
+        raise InvalidRequestError(
+            f"input has {len(inputs)} entries; at most {MAX_EMBEDDING_INPUTS} are accepted",
+            param="input",
+        )
+    for index, item in enumerate(inputs):
+        if not item:
+            raise InvalidRequestError(f"input[{index}] is empty", param="input")
+
+
+def _tokenize_inputs(model: LoadedModel, inputs: Sequence[str | list[int]]) -> list[list[int]]:
+    """Token ids of every input, within MAX_EMBEDDING_TOKENS (a worker thread)."""
+    prompts: list[list[int]] = []
+    total = 0
+    for index, item in enumerate(inputs):
+        ids = model.engine.tokenize(item, True) if isinstance(item, str) else list(item)
+        if not ids:
+            raise InvalidRequestError(f"input[{index}] has no tokens", param="input")
+        total += len(ids)
+        if total > MAX_EMBEDDING_TOKENS:
+            raise InvalidRequestError(
+                f"input has more than {MAX_EMBEDDING_TOKENS} tokens in all",
+                param="input",
+            )
+        prompts.append(ids)
+    return prompts
+
+
+def _base64_vector(vector: list[float]) -> str:
+    """A vector as OpenAI encodes it: base64 of little-endian float32."""
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
 
 
 def _chat_params(body: ChatCompletionRequest) -> dict[str, str]:

@@ -17,6 +17,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 
 from llmserve import __version__
+from llmserve.api.http import LenientJSONRoute
 from llmserve.api.ui.protocol import (
     ConsoleModel,
     ConsoleModelList,
@@ -113,7 +114,7 @@ def _send(asset: Asset, request: Request) -> Response:
 def build_router(playground: bool, console: bool) -> APIRouter:
     """GET /ui, /ui/config.json and /ui/<file>: open, since the page itself asks for the key."""
     assets = load_assets()
-    router = APIRouter(tags=["ui"])
+    router = APIRouter(route_class=LenientJSONRoute, tags=["ui"])
 
     async def index(request: Request) -> Response:
         return _send(assets["index.html"], request)
@@ -154,7 +155,9 @@ Manager = Annotated[ModelManager, Depends(_manager)]
 
 def build_console_router() -> APIRouter:
     """The admin console's read-only views: recent requests and models with their state."""
-    router = APIRouter(tags=["admin"], dependencies=[Depends(require_admin)])
+    router = APIRouter(
+        route_class=LenientJSONRoute, tags=["admin"], dependencies=[Depends(require_admin)]
+    )
 
     @router.get("/v1/requests/recent")
     async def recent_requests(

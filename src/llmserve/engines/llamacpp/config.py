@@ -16,6 +16,7 @@ MAX_DEFAULT_PARALLEL = 16
 KV_CACHE_TYPE_NAMES = frozenset(
     {"f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"}
 )
+POOLING_NAMES = frozenset({"mean", "cls", "last"})  # embedding.py maps them onto its poolings
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,8 @@ class LlamaCppConfig:
     # Let llama.cpp repack weights for CPU-specific kernels (AMX, ...) at load. Off by default:
     # in VMs that advertise AMX without enabling it, the first llama_decode segfaults.
     cpu_repack: bool = False
+    # Embedding pooling ("mean", "cls", "last"); None: the GGUF's, mean when it declares none.
+    pooling: str | None = None
 
     def __post_init__(self) -> None:
         positive = {
@@ -70,6 +73,11 @@ class LlamaCppConfig:
                     f"{name} must be one of {sorted(KV_CACHE_TYPE_NAMES)}, got {cache_type!r}",
                     param=name,
                 )
+        if self.pooling is not None and self.pooling not in POOLING_NAMES:
+            raise InvalidEngineSettingError(
+                f"pooling must be one of {sorted(POOLING_NAMES)}, got {self.pooling!r}",
+                param="pooling",
+            )
         for name, rope in (
             ("rope_freq_base", self.rope_freq_base),
             ("rope_freq_scale", self.rope_freq_scale),
@@ -99,6 +107,7 @@ class LlamaCppConfig:
             rope_freq_base=settings.rope_freq_base,
             rope_freq_scale=settings.rope_freq_scale,
             kv_unified=settings.kv_unified,
+            pooling=settings.pooling,
         )
 
     def resolve_ctx_size(self, n_ctx_train: int) -> int:

@@ -34,6 +34,7 @@ from llmserve.engines.base import AdapterSpec, EngineStats, ModelInfo
 from llmserve.engines.llamacpp.adapters import AdapterFile, check_adapters
 from llmserve.engines.llamacpp.batch import TokenBatch
 from llmserve.engines.llamacpp.config import LlamaCppConfig
+from llmserve.engines.llamacpp.embedding import Embedder
 from llmserve.engines.llamacpp.grammar import compile_constraint
 from llmserve.engines.llamacpp.model import ContextSettings, LlamaModel
 from llmserve.engines.llamacpp.runner import StepRunner
@@ -49,7 +50,7 @@ GRAMMAR_CACHE_SIZE = 32  # compiled constraints kept per engine
 class EngineCommand:
     """Work for the engine thread between steps; `settle` reports the outcome to the caller."""
 
-    action: Callable[[], None]
+    action: Callable[[], bool | None]  # True: not done yet, run it again after the next step
     settle: Callable[[Exception | None], None]  # callable from any thread
 
 
@@ -107,7 +108,9 @@ class LlamaCppEngine:
     ) -> None:
         """Use `LlamaCppEngine.load`; this wires already-built parts and starts nothing."""
         self.config = config
-        self.info = info
+        self._embedder = Embedder(model, config, info.context_length)
+        embeddings = replace(info.capabilities, embeddings=self._embedder.available)
+        self.info = replace(info, capabilities=embeddings)
         self.parallel = len(runner.scheduler.slots)
         self._model = model
         self._use = ModelUse(config.model_id)
@@ -208,6 +211,23 @@ class LlamaCppEngine:
         self._ensure_running()
         files = await asyncio.to_thread(check_adapters, adapters, self._adapter_target)
         await self._call(partial(self._apply_adapters, files))
+
+    async def embed(
+        self, prompts: Sequence[list[int]], normalize: bool = True
+    ) -> list[list[float]]:
+        """One vector per prompt, computed on the engine thread between generation steps.
+
+        Each step embeds at most `prefill_chunk` tokens (embedding.py), so streams keep going.
+        """
+        self._ensure_running()
+        self._embedder.check(prompts, self.info.vocab_size)
+        job = self._embedder.job(prompts, normalize)
+        try:
+            await self._call(partial(self._embedder.advance, job))
+        except asyncio.CancelledError:  # the caller left: the job stops at its next chunk
+            job.cancelled = True
+            raise
+        return job.results()
 
     async def close(self) -> None:
         """Abort everything, stop the engine thread and free llama.cpp resources."""
@@ -347,8 +367,8 @@ class LlamaCppEngine:
             self._aborted_groups.append(group)
             self._cond.notify()
 
-    async def _call(self, action: Callable[[], None]) -> None:
-        """Run `action` on the engine thread between two steps and wait for it."""
+    async def _call(self, action: Callable[[], bool | None]) -> None:
+        """Run `action` on the engine thread between two steps (again while True) and wait."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
 
@@ -408,7 +428,7 @@ class LlamaCppEngine:
 
     def _run_command(self, command: EngineCommand) -> None:
         try:
-            command.action()
+            unfinished = command.action()
         except LLMServeError as error:
             command.settle(error)
         except Exception as error:  # a failed command must not take the engine down
@@ -418,7 +438,11 @@ class LlamaCppEngine:
             command.settle(ServiceUnavailableError("the engine is stopping"))
             raise
         else:
-            command.settle(None)
+            if not unfinished:
+                command.settle(None)
+                return
+            with self._cond:  # its next part runs after the next step: streams go on meanwhile
+                self._commands.append(command)
 
     def _apply_adapters(self, files: list[AdapterFile]) -> None:
         """Engine thread: load and apply the adapters; stale prefix caches go."""
@@ -451,6 +475,7 @@ class LlamaCppEngine:
         self._publish()
         self._runner.flush_outbox()
         self._use.close()
+        self._embedder.free()
         self._runner.free()
 
     def _die(self, error: BaseException) -> None:
@@ -466,6 +491,7 @@ class LlamaCppEngine:
             group.deliver(ServiceUnavailableError(f"the engine stopped: {self._error}"))
         try:
             self._use.close()
+            self._embedder.free()
             self._runner.free()
         except Exception:  # the state that killed the loop may also break freeing
             logger.exception("freeing llama.cpp resources after the crash failed")

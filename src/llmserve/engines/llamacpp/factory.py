@@ -20,7 +20,7 @@ class LlamaCppFactory:
     settings_type: type[BaseModel] = LlamaCppSettings
     model_suffixes: tuple[str, ...] = (".gguf",)
 
-    def check(self, settings: LlamaCppSettings, path: Path, model_id: str) -> None:
+    def check(self, settings: LlamaCppSettings, path: Path, model_id: str) -> int:
         """A bad file must be a 4xx, not an abort or an OOM kill: header, kind, memory fit."""
         from llmserve.engines.llamacpp.inspect import check_fits, inspect_gguf
 
@@ -29,7 +29,7 @@ class LlamaCppFactory:
         if summary.kind != "model":
             raise InvalidModelFileError(f"{path.name} is a {summary.kind}, not a model")
         ctx = config.resolve_ctx_size(summary.context_length or FALLBACK_TRAIN_CONTEXT)
-        check_fits(summary, ctx * config.resolve_parallel(ctx))
+        return check_fits(summary, ctx * config.resolve_parallel(ctx))
 
     def load(self, settings: LlamaCppSettings, path: Path, model_id: str) -> Engine:
         """Load the model and start its engine thread (blocking)."""

@@ -9,18 +9,11 @@ from typing import Any
 
 from gguf import GGUFReader
 
-from llmserve.core.errors import InvalidRequestError
-from llmserve.engines.base import InvalidModelFileError
+from llmserve.engines.base import InsufficientMemoryError, InvalidModelFileError
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
 F16_BYTES = 2
-
-
-class InsufficientMemoryError(InvalidRequestError):
-    """The model plus its KV cache would not fit in available memory."""
-
-    code = "insufficient_memory"
 
 
 @dataclass(frozen=True)
@@ -113,8 +106,8 @@ def available_memory() -> int | None:
     return None
 
 
-def check_fits(summary: GGUFSummary, kv_tokens: int, headroom: float = 0.9) -> None:
-    """Refuse a load whose weights plus KV cache exceed the memory available now."""
+def check_fits(summary: GGUFSummary, kv_tokens: int, headroom: float = 0.9) -> int:
+    """The bytes weights plus KV cache need; refused when that exceeds the memory free now."""
     available = available_memory()
     need = summary.size_bytes + summary.kv_bytes(kv_tokens)
     if available is not None and need > available * headroom:
@@ -123,3 +116,4 @@ def check_fits(summary: GGUFSummary, kv_tokens: int, headroom: float = 0.9) -> N
             f"{kv_tokens} tokens) but only {available >> 20} MiB is available; "
             "lower max_seq_len or parallel"
         )
+    return need

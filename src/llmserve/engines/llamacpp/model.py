@@ -261,6 +261,9 @@ class LlamaModel:
             n_params=int(llama_cpp.llama_model_n_params(self.model)),
             size_bytes=int(llama_cpp.llama_model_size(self.model)),
             description=desc.value.decode("utf-8", errors="replace"),
+            fim_prefix=_token_or_none(llama_cpp.llama_vocab_fim_pre(self.vocab)),
+            fim_suffix=_token_or_none(llama_cpp.llama_vocab_fim_suf(self.vocab)),
+            fim_middle=_token_or_none(llama_cpp.llama_vocab_fim_mid(self.vocab)),
         )
 
     def adapter_target(self) -> AdapterTarget:

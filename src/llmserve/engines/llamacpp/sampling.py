@@ -1,8 +1,16 @@
-"""Per-sequence llama.cpp sampler chains built from SamplingParams, and logprobs from logits."""
+"""Per-sequence llama.cpp sampler chains built from SamplingParams, and logprobs from logits.
+
+llama.cpp lacks three samplers Kobold clients send: KoboldCpp's repetition penalty slope,
+tail-free sampling and top-a. Each is a stage of the same C chain, a llama.cpp sampler whose
+`apply` is a Python callback doing vectorised numpy over the candidate array in place
+(`PythonStage`), so the chain's order and the grammar path stay as they are. What a stage
+costs per token is in bench/README.md (`bench/sampler_cost.py`).
+"""
 
 from __future__ import annotations
 
 import ctypes
+import logging
 import math
 import secrets
 from collections.abc import Callable, Sequence
@@ -28,6 +36,9 @@ IdArray = npt.NDArray[np.int32]
 TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
 GRAMMAR_SHORTLIST = 128  # candidates a rejected pick is first re-drawn from (see SamplerChain)
 PieceLookup = Callable[[int], bytes]
+KOBOLD_PREFILTER = 3000  # KoboldCpp cuts to its likeliest 3000 candidates before any sampler
+
+log = logging.getLogger(__name__)
 
 
 def choice_seed(seed: int | None, index: int) -> int:
@@ -48,9 +59,15 @@ class SamplerChain:
     """
 
     def __init__(
-        self, handle: Any, history_samplers: list[Any], grammar: Any = None, n_vocab: int = 0
+        self,
+        handle: Any,
+        history_samplers: list[Any],
+        grammar: Any = None,
+        n_vocab: int = 0,
+        stages: Sequence[PythonStage] = (),
     ) -> None:
         self._handle = handle
+        self._stages = list(stages)  # the C chain calls into these until it is freed
         # Penalties and DRY look back over earlier tokens; they are fed the prompt too,
         # without the grammar (which must only see generated text).
         self._history_samplers = history_samplers
@@ -80,6 +97,16 @@ class SamplerChain:
             token = self._resample(logits)
         llama_cpp.llama_sampler_accept(self._grammar, token)
         llama_cpp.llama_sampler_accept(self._handle, token)
+        return token
+
+    def pick(self, logits: FloatRow) -> int:
+        """The chain's pick from one logits row, grammar aside, not accepted (tests, benches)."""
+        ids = np.arange(len(logits), dtype=np.int32)
+        if len(self._candidates) < len(ids):
+            self._candidates = np.empty(len(ids), dtype=TOKEN_DATA)
+        token = self._pick(logits, ids, constrained=False)
+        if token is None:
+            raise InvalidRequestError("every token is impossible", param="logit_bias")
         return token
 
     def _resample(self, logits: FloatRow) -> int:
@@ -128,9 +155,197 @@ class SamplerChain:
             llama_cpp.llama_sampler_free(self._handle)
             self._handle = None
             self._history_samplers = []
+            self._stages = []
         if self._grammar is not None:
             llama_cpp.llama_sampler_free(self._grammar)
             self._grammar = None
+
+
+CandidateView = npt.NDArray[np.void]  # llama_token_data records, in place (TOKEN_DATA)
+
+
+class PythonStage:
+    """A llama.cpp sampler whose apply (and accept) are Python over the candidates, in place.
+
+    The C side holds pointers into this object (the interface struct and the callbacks), so it
+    must outlive the sampler: the SamplerChain that owns the sampler keeps it.
+    """
+
+    def __init__(self, name: str, stage: CandidateStage) -> None:
+        self._stage = stage
+        self._name = ctypes.create_string_buffer(name.encode())
+        self._name_fn = _NAME_FN(lambda _smpl: ctypes.addressof(self._name))
+        self._apply_fn = llama_cpp.llama_sampler_i_apply(self._apply)
+        self._accept_fn = llama_cpp.llama_sampler_i_accept(self._accept)
+        self._iface = llama_cpp.llama_sampler_i()  # zeroed: every other entry is NULL
+        self._iface.name = ctypes.cast(self._name_fn, llama_cpp.llama_sampler_i_name)
+        self._iface.apply = self._apply_fn
+        if stage.wants_history:
+            self._iface.accept = self._accept_fn
+        self.handle = llama_cpp.llama_sampler_init(ctypes.byref(self._iface), None)
+
+    def _apply(self, _smpl: Any, cur_p: Any) -> None:
+        array = cur_p.contents
+        if array.size == 0:
+            return
+        raw = (ctypes.c_byte * (array.size * TOKEN_DATA.itemsize)).from_address(
+            ctypes.addressof(array.data.contents)
+        )
+        view = np.frombuffer(raw, dtype=TOKEN_DATA)
+        try:
+            kept, now_sorted = self._stage.apply(view, bool(array.sorted))
+        except Exception:  # an exception cannot cross into C: leave the candidates as they are
+            log.exception("sampler stage %s failed", self._name.value.decode())
+            return
+        array.size = kept
+        array.sorted = now_sorted
+
+    def _accept(self, _smpl: Any, token: int) -> None:
+        self._stage.accept(int(token))
+
+
+_NAME_FN = ctypes.CFUNCTYPE(ctypes.c_void_p, llama_cpp.llama_sampler_p_ctypes)
+
+
+class CandidateStage:
+    """One numpy stage over a candidate array: returns (candidates kept, still sorted)."""
+
+    wants_history = False
+
+    def apply(self, view: CandidateView, is_sorted: bool) -> tuple[int, bool]:
+        """Change `view` in place; keep its first N entries."""
+        raise NotImplementedError
+
+    def accept(self, token: int) -> None:
+        """A token was added to the sequence (prompt or generated)."""
+
+
+class TopA(CandidateStage):
+    """KoboldCpp's top-a: drop tokens with p < a * p_max**2 (the likeliest always stays)."""
+
+    def __init__(self, a: float) -> None:
+        self.a = a
+
+    def apply(self, view: CandidateView, is_sorted: bool) -> tuple[int, bool]:
+        """Keep the candidates at or above the threshold, in their order."""
+        logits = view["logit"]
+        if len(view) <= 1 or not np.isfinite(logits.max()):
+            return len(view), is_sorted  # nothing to cut, or every token banned
+        # p_i = e_i / z, e_i = exp(l_i - l_max), p_max = 1 / z: p_i >= a / z**2 <=> e_i >= a / z.
+        weights = np.exp(logits - logits.max())
+        total = float(weights.sum(dtype=np.float64))
+        keep = weights >= np.float32(self.a / total)
+        keep[int(np.argmax(logits))] = True  # KoboldCpp's min_keep of 1, whatever rounding does
+        return _compact(view, keep), is_sorted
+
+
+class TailFree(CandidateStage):
+    """KoboldCpp's tail-free sampling with z over the likeliest KOBOLD_PREFILTER candidates.
+
+    Sorted by probability, the normalised |second differences| of the probabilities are summed
+    from the top; the first position i >= 1 where the sum passes z is the first token cut.
+    """
+
+    def __init__(self, z: float) -> None:
+        self.z = z
+
+    def apply(self, view: CandidateView, is_sorted: bool) -> tuple[int, bool]:
+        """Sort the head of the candidates and cut the tail."""
+        if len(view) <= 2:
+            return len(view), is_sorted
+        order = _likeliest_first(view["logit"], is_sorted)
+        logits = view["logit"][order].astype(np.float64)
+        if not math.isfinite(logits[0]):
+            return len(view), is_sorted  # every token banned: the pick reports it
+        probs = np.exp(logits - logits[0])
+        probs /= probs.sum()
+        second = np.abs(np.diff(probs, n=2))
+        total = second.sum()
+        weights = second / total if total > 1e-6 else np.full(len(second), 1.0 / len(second))
+        passed = np.flatnonzero(np.cumsum(weights) > self.z)
+        passed = passed[passed >= MIN_KEEP]
+        kept = int(passed[0]) if len(passed) else len(order)
+        view[:kept] = view[order[:kept]]
+        return kept, True
+
+
+class SlopedRepetitionPenalty(CandidateStage):
+    """KoboldCpp's repetition penalty with a slope over the last `window` tokens.
+
+    Tokens in the newer half of the window get the full penalty; tokens only in the older half
+    get 1 + (penalty - 1) * slope. A penalty divides positive logits and multiplies the others.
+    """
+
+    wants_history = True
+
+    def __init__(self, penalty: float, slope: float, window: int) -> None:
+        self.penalty = penalty
+        self.reduced = 1.0 + (penalty - 1.0) * slope if penalty > 1.0 else penalty
+        self.window = window
+        # Twice the window, so the newest `window` tokens are always one slice, never copied.
+        self._tokens = np.empty(2 * window, dtype=np.int32)
+        self._count = 0
+
+    def accept(self, token: int) -> None:
+        """Remember the token in the window."""
+        if self._count == len(self._tokens):
+            self._tokens[: self.window] = self._tokens[self.window :]
+            self._count = self.window
+        self._tokens[self._count] = token
+        self._count += 1
+
+    def apply(self, view: CandidateView, is_sorted: bool) -> tuple[int, bool]:
+        """Penalize every candidate the window holds."""
+        recent = self._tokens[max(0, self._count - self.window) : self._count]
+        if len(recent) == 0:
+            return len(view), is_sorted
+        # KoboldCpp: position i of n is "near" when 2 * i >= n.
+        split = (len(recent) + 1) // 2
+        near = np.unique(recent[split:])
+        far = np.setdiff1d(recent[:split], near)
+        ids = np.concatenate([near, far])
+        factors = np.concatenate(
+            [np.full(len(near), self.penalty), np.full(len(far), self.reduced)]
+        ).astype(np.float32)
+        rows, matched = _rows_of(view["id"], ids)
+        logits = view["logit"][rows]
+        scale = factors[matched]
+        view["logit"][rows] = np.where(logits <= 0, logits * scale, logits / scale)
+        return len(view), False
+
+
+def _rows_of(candidate_ids: IdArray, ids: IdArray) -> tuple[IndexArray, IndexArray]:
+    """Rows of `candidate_ids` holding one of `ids`, and which of `ids` each holds."""
+    # Fast path: the full, unsorted array llama.cpp builds from the logits has row == id.
+    inside = ids[ids < len(candidate_ids)]
+    if len(inside) == len(ids) and np.array_equal(candidate_ids[inside], inside):
+        return inside.astype(np.intp), np.arange(len(ids), dtype=np.intp)
+    order = np.argsort(ids)
+    sorted_ids = ids[order]
+    spots = np.searchsorted(sorted_ids, candidate_ids)
+    spots[spots == len(ids)] = 0
+    rows = np.flatnonzero(sorted_ids[spots] == candidate_ids)
+    return rows, order[spots[rows]]
+
+
+def _likeliest_first(logits: FloatRow, is_sorted: bool) -> IndexArray:
+    """Row indexes of the likeliest KOBOLD_PREFILTER candidates, most likely first."""
+    head = min(len(logits), KOBOLD_PREFILTER)
+    if is_sorted:
+        return np.arange(head, dtype=np.intp)
+    if head < len(logits):
+        rows = np.argpartition(-logits, head - 1)[:head]
+    else:
+        rows = np.arange(head, dtype=np.intp)
+    result: IndexArray = rows[np.argsort(-logits[rows], kind="stable")]
+    return result
+
+
+def _compact(view: CandidateView, keep: npt.NDArray[np.bool_]) -> int:
+    """Move the kept candidates to the front, in order; their count."""
+    kept = view[keep]
+    view[: len(kept)] = kept
+    return len(kept)
 
 
 def check_grammar(vocab: Any, grammar: str, param: str = "grammar") -> None:
@@ -150,14 +365,15 @@ def build_sampler_chain(
     """Build the chain for one sequence: bias, penalties, truncation, the pick; grammar aside."""
     parts: list[Any] = []
     history: list[Any] = []
+    stages: list[PythonStage] = []
     grammar = None if grammar_text is None else _grammar_sampler(vocab, grammar_text)
     try:
         bias = _logit_bias_sampler(params, n_vocab)
         if bias is not None:
             parts.append(bias)
-        history.extend(_history_samplers(params, vocab, n_vocab, ctx_size))
+        history.extend(_history_samplers(params, vocab, n_vocab, ctx_size, stages))
         parts.extend(history)
-        parts.extend(_tail_samplers(params, n_vocab, seed))
+        parts.extend(_tail_samplers(params, n_vocab, seed, stages))
     except BaseException:
         for sampler in [*parts, *([grammar] if grammar is not None else [])]:
             llama_cpp.llama_sampler_free(sampler)
@@ -165,7 +381,7 @@ def build_sampler_chain(
     chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
     for sampler in parts:
         llama_cpp.llama_sampler_chain_add(chain, sampler)  # the chain now owns it
-    return SamplerChain(chain, history, grammar, n_vocab)
+    return SamplerChain(chain, history, grammar, n_vocab, stages)
 
 
 def _grammar_sampler(vocab: Any, grammar: str, param: str = "grammar") -> Any:
@@ -190,20 +406,25 @@ def _logit_bias_sampler(params: SamplingParams, n_vocab: int) -> Any | None:
     return llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(biases), array)
 
 
-def _history_samplers(params: SamplingParams, vocab: Any, n_vocab: int, ctx_size: int) -> list[Any]:
+def _history_samplers(
+    params: SamplingParams, vocab: Any, n_vocab: int, ctx_size: int, stages: list[PythonStage]
+) -> list[Any]:
     samplers: list[Any] = []
-    penalties_active = (
-        params.repetition_penalty != 1.0
-        or params.frequency_penalty != 0.0
-        or params.presence_penalty != 0.0
-    )
     last_n = _window(params.penalty_range, ctx_size)
+    repetition = params.repetition_penalty
+    if _sloped(params) and last_n > 0:
+        sloped = SlopedRepetitionPenalty(repetition, params.repetition_penalty_slope, last_n)
+        samplers.append(_stage("kobold-rep-pen-slope", sloped, stages))
+        repetition = 1.0  # llama.cpp's penalties below add only frequency and presence
+    penalties_active = (
+        repetition != 1.0 or params.frequency_penalty != 0.0 or params.presence_penalty != 0.0
+    )
     if penalties_active and last_n > 0:
         samplers.append(
             llama_cpp.llama_sampler_init_penalties(
                 n_vocab,
                 last_n,
-                params.repetition_penalty,
+                repetition,
                 params.frequency_penalty,
                 params.presence_penalty,
             )
@@ -211,6 +432,18 @@ def _history_samplers(params: SamplingParams, vocab: Any, n_vocab: int, ctx_size
     if params.dry is not None and params.dry.multiplier > 0.0:
         samplers.append(_dry_sampler(params, vocab, ctx_size))
     return samplers
+
+
+def _sloped(params: SamplingParams) -> bool:
+    """Whether the slope changes anything: KoboldCpp slopes only penalties above 1."""
+    return params.repetition_penalty > 1.0 and params.repetition_penalty_slope < 1.0
+
+
+def _stage(name: str, stage: CandidateStage, stages: list[PythonStage]) -> Any:
+    """The C sampler of a numpy stage, kept alive in `stages`."""
+    wrapper = PythonStage(name, stage)
+    stages.append(wrapper)
+    return wrapper.handle
 
 
 def _dry_sampler(params: SamplingParams, vocab: Any, ctx_size: int) -> Any:
@@ -240,7 +473,9 @@ def _window(requested: int | None, ctx_size: int) -> int:
     return ctx_size if requested is None else min(requested, ctx_size)
 
 
-def _tail_samplers(params: SamplingParams, n_vocab: int, seed: int) -> list[Any]:
+def _tail_samplers(
+    params: SamplingParams, n_vocab: int, seed: int, stages: list[PythonStage]
+) -> list[Any]:
     if params.greedy:
         # Truncation never changes the argmax (XTC would, but it is random by design).
         return [llama_cpp.llama_sampler_init_greedy()]
@@ -259,17 +494,41 @@ def _tail_samplers(params: SamplingParams, n_vocab: int, seed: int) -> list[Any]
             ),
         ]
     return [
-        *_truncation_samplers(params, n_vocab, seed),
-        llama_cpp.llama_sampler_init_temp(params.temperature),
+        *_truncation_samplers(params, n_vocab, seed, stages),
+        *temperature_samplers(params, n_vocab),
         llama_cpp.llama_sampler_init_dist(seed),
     ]
 
 
-def _truncation_samplers(params: SamplingParams, n_vocab: int, seed: int) -> list[Any]:
+def temperature_samplers(params: SamplingParams, n_vocab: int) -> list[Any]:
+    """Plain temperature, or llama.cpp's extended (entropy-scaled) one for `dynatemp_range`."""
+    if params.dynatemp_range <= 0.0:
+        return [llama_cpp.llama_sampler_init_temp(params.temperature)]
+    # KoboldCpp's dynatemp is llama.cpp's extended temperature: the entropy, normalised by
+    # log(candidates), picks a temperature in [max(0, t - range), t + range]. KoboldCpp has at
+    # most its 3000 prefiltered candidates there; so does this chain, which also spares
+    # temp_ext a sort of the whole vocabulary (~40 % of a step at 8 streams, bench/README.md).
+    return [
+        llama_cpp.llama_sampler_init_top_k(min(KOBOLD_PREFILTER, n_vocab)),
+        llama_cpp.llama_sampler_init_temp_ext(
+            params.temperature, params.dynatemp_range, params.dynatemp_exponent
+        ),
+    ]
+
+
+def _truncation_samplers(
+    params: SamplingParams, n_vocab: int, seed: int, stages: list[PythonStage]
+) -> list[Any]:
+    # KoboldCpp's default order (sampler_order 6,0,1,3,4,2,5): penalties, top-k, top-a, tail-free,
+    # typical, top-p with min-p, then temperature.
     samplers: list[Any] = []
     if params.top_k is not None and params.top_k > 0:
         # Past the vocabulary top-k keeps everything; ctypes would wrap a huge k to <= 0.
         samplers.append(llama_cpp.llama_sampler_init_top_k(min(params.top_k, n_vocab)))
+    if params.top_a > 0.0:
+        samplers.append(_stage("kobold-top-a", TopA(params.top_a), stages))
+    if params.tfs < 1.0:
+        samplers.append(_stage("kobold-tail-free", TailFree(params.tfs), stages))
     if params.typical_p < 1.0:
         samplers.append(llama_cpp.llama_sampler_init_typical(params.typical_p, MIN_KEEP))
     if params.top_p < 1.0:

@@ -5,6 +5,8 @@ Imports nothing of llama.cpp: Settings and the admin API are built from this mod
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from llmserve.engines.settings import EngineSettings
@@ -42,4 +44,8 @@ class LlamaCppSettings(EngineSettings):
         ge=0,
         allow_inf_nan=False,
         description="RoPE frequency scale; 0.5 stretches the context 2x (empty or 0: the model's).",
+    )
+    pooling: Literal["mean", "cls", "last"] | None = Field(
+        None,
+        description="Embedding pooling: mean, cls or last (empty: the GGUF's, else mean).",
     )

@@ -1,0 +1,1 @@
+"""llama.cpp's native server API (`llama-server`'s /completion, /infill, /props, /slots, ...)."""
