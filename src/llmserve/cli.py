@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, get_args, get_origin
 
 from pydantic import ValidationError
 
-from llmserve.config import Settings, example_config, load_settings
+from llmserve.config import EngineOptions, Settings, example_config, load_settings
 from llmserve.exposure import is_loopback
 from llmserve.models.catalog import ModelEntry
 
@@ -20,27 +20,57 @@ if TYPE_CHECKING:
 log = logging.getLogger("llmserve")
 
 
+# Where each group of settings starts, in Settings' field order; engine settings form their own.
+GROUP_STARTS = {
+    "host": "server",
+    "model": "model",
+    "request_timeout": "limits",
+    "api_tokens_file": "auth",
+    "log_level": "logging",
+}
+OTHER_COMMANDS = (
+    "other commands: `llmserve config [--example]` shows the configuration (or a commented "
+    "config.yml), `llmserve keys` prints the keys of api_tokens.yml."
+)
+
+
 def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per Settings field, typed from its annotation, help from its description."""
+    groups = {
+        name: parser.add_argument_group(f"{name} settings")
+        for name in ("server", "model", "engine", "limits", "auth", "logging")
+    }
+    group = "server"
     for name, field in Settings.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        kind = field.annotation
-        if kind is bool or kind == bool | None:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=field.description)
-        elif kind == list[ModelEntry]:
-            continue  # a list of mappings: config.yml only
-        elif get_origin(kind) is list or list in get_args(kind):
-            parser.add_argument(flag, action="append", help=f"{field.description} (repeatable)")
-        else:
-            parser.add_argument(flag, help=field.description)
-    parser.add_argument("--config", type=Path, help="config.yml to read settings from.")
+        group = GROUP_STARTS.get(name, group)
+        target = groups["engine" if name in EngineOptions.model_fields else group]
+        _add_flag(target, name, field.annotation, field.description)
+    groups["server"].add_argument("--config", type=Path, help="config.yml to read settings from.")
+
+
+def _add_flag(group: Any, name: str, kind: Any, description: str | None) -> None:
+    flag = "--" + name.replace("_", "-")
+    if kind is bool or kind == bool | None:
+        group.add_argument(flag, action=argparse.BooleanOptionalAction, help=description)
+    elif kind == list[ModelEntry]:
+        return  # a list of mappings: config.yml only
+    elif get_origin(kind) is list or list in get_args(kind):
+        group.add_argument(flag, action="append", help=f"{description} (repeatable)")
+    else:
+        group.add_argument(flag, help=description)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The full command-line parser."""
+    """The full command-line parser; `llmserve --help` shows the server's flags."""
     parser = argparse.ArgumentParser(prog="llmserve", description="Serve a GGUF model over HTTP.")
     commands = parser.add_subparsers(dest="command")
-    _add_setting_flags(commands.add_parser("serve", help="Run the server (the default)."))
+    serve = commands.add_parser(
+        "serve",
+        help="Run the server (the default).",
+        description="Serve a GGUF model over HTTP (`llmserve [serve] [flags]`).",
+        epilog=OTHER_COMMANDS,
+    )
+    _add_setting_flags(serve)
     config = commands.add_parser("config", help="Show configuration.")
     config.add_argument("--example", action="store_true", help="Print a commented config.yml.")
     keys = commands.add_parser("keys", help="Print the API and admin keys of api_tokens.yml.")
@@ -50,8 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
-    commands = {"serve", "config", "keys", "-h", "--help"}
-    if not argv or argv[0] not in commands:
+    commands = {"serve", "config", "keys"}
+    if not argv or argv[0] not in commands:  # `llmserve --help` too: the server's flags
         argv = ["serve", *argv]
     return build_parser().parse_args(argv)
 

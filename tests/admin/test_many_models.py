@@ -192,3 +192,19 @@ def test_several_configured_models_make_unknown_names_404(tmp_path: Path) -> Non
         await manager.close()
 
     asyncio.run(scenario())
+
+
+def test_an_admin_load_may_set_the_keep_alive(server: RunningServer) -> None:
+    body = {"model_name": "m-b", "keep_alive": "1s"}
+    r = httpx.post(server.url + "/v1/model/load", json=body, headers=ADMIN, timeout=300)
+    assert r.status_code == 200, r.text
+    deadline = time.monotonic() + 60
+    while statuses(server)["m-b"] == "loaded" and time.monotonic() < deadline:
+        time.sleep(0.25)
+    assert statuses(server)["m-b"] == "available"
+    bad = httpx.post(
+        server.url + "/v1/model/load",
+        json={"model_name": "m-b", "keep_alive": "soon"},
+        headers=ADMIN,
+    )
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "keep_alive"

@@ -76,3 +76,24 @@ def test_engine_settings_are_settings_flags_and_config_keys() -> None:
     args = _parse(["--engine", "llamacpp", "--ctx-size", "512", "--no-kv-unified"])
     assert _overrides(args) == {"engine": "llamacpp", "ctx_size": "512", "kv_unified": False}
     assert load_settings(kv_unified=True).engine_options()["kv_unified"] is True
+
+
+def test_help_shows_the_server_flags_grouped(capsys: pytest.CaptureFixture[str]) -> None:
+    from llmserve.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    sections = [line for line in text.splitlines() if line.endswith("settings:")]
+    assert sections == [
+        "server settings:",
+        "model settings:",
+        "engine settings:",
+        "limits settings:",
+        "auth settings:",
+        "logging settings:",
+    ]
+    engine = text.split("engine settings:")[1].split("limits settings:")[0]
+    assert "--ctx-size" in engine and "--kv-unified" in engine and "--host" not in engine
+    assert "--no-ollama-auth" in text.split("auth settings:")[1]
+    assert "llmserve keys" in text  # the other commands are named

@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from llmserve.api.common import ChatMessage, continues_final_message
 from llmserve.api.overrides import OverrideValue
+from llmserve.models.catalog import Duration
 
 
 class ModelLoadRequest(BaseModel):
@@ -22,6 +23,9 @@ class ModelLoadRequest(BaseModel):
 
     model_name: str = Field(min_length=1)
     max_seq_len: int | None = Field(None, description="TabbyAPI's name for ctx_size.")
+    keep_alive: Duration = Field(
+        default=None, description="Unload it when idle this long (see config's keep_alive)."
+    )
     stream: bool = False
 
     def engine_overrides(self) -> dict[str, Any]:

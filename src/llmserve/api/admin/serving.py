@@ -39,7 +39,7 @@ from llmserve.config import Settings
 from llmserve.core.errors import InvalidRequestError, LLMServeError
 from llmserve.core.templates import read_template_file
 from llmserve.engines.base import AdapterSpec
-from llmserve.models.manager import LoadedModel, ModelManager
+from llmserve.models.manager import LoadedModel, ModelManager, ProgressCallback
 from llmserve.models.registry import list_files, resolve_file
 
 TEMPLATE_SUFFIXES = (".jinja", ".j2", ".txt")
@@ -82,9 +82,18 @@ class AdminServing:
             chat_template_source=model.template.origin,
         )
 
+    async def _load(
+        self, body: ModelLoadRequest, report: ProgressCallback | None = None
+    ) -> LoadedModel:
+        """Load the model the request names; its `keep_alive`, if given, applies to it."""
+        model = await self.models.load_named(body.model_name, body.engine_overrides(), report)
+        if "keep_alive" in body.model_fields_set:
+            self.models.set_keep_alive(model, body.keep_alive)
+        return model
+
     async def load_model(self, body: ModelLoadRequest) -> StatusResponse:
         """Load and swap in a model; the previous one serves until the new one is ready."""
-        await self.models.load_named(body.model_name, body.engine_overrides())
+        await self._load(body)
         self.loras.scales.clear()
         return StatusResponse(status="loaded", detail=body.model_name)
 
@@ -107,9 +116,7 @@ class AdminServing:
                 )
             )
 
-        task = asyncio.create_task(
-            self.models.load_named(body.model_name, body.engine_overrides(), report)
-        )
+        task = asyncio.create_task(self._load(body, report))
         first = await _next_event(queue, task)  # a bad name or file fails here, as a 4xx
         return _progress_events(first, queue, task)
 
