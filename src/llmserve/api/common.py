@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, field_validator
 
 from llmserve.api.errors import retry_headers
 from llmserve.core.errors import InvalidRequestError, LLMServeError
+from llmserve.core.tools import ToolCall as CallTurn
+from llmserve.core.tools import Turn
 
 
 def new_id(prefix: str) -> str:
@@ -80,6 +82,22 @@ class ChatMessage(BaseModel):
         if isinstance(self.content, str):
             return self.content
         return "\n".join(part.text for part in self.content)
+
+
+def chat_turns(messages: list[ChatMessage]) -> list[Turn]:
+    """Chat messages, dialect-neutral (developer messages are system messages)."""
+    return [
+        Turn(
+            role="system" if m.role == "developer" else m.role,
+            content=m.text(),
+            name=m.name,
+            tool_calls=tuple(
+                CallTurn(c.id, c.function.name, c.function.arguments) for c in m.tool_calls or ()
+            ),
+            tool_call_id=m.tool_call_id,
+        )
+        for m in messages
+    ]
 
 
 class ErrorInfo(BaseModel):

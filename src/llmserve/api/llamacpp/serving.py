@@ -10,7 +10,12 @@ from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 from llmserve import __version__
-from llmserve.api.common import ChatMessage, continues_final_message, error_body, new_id
+from llmserve.api.common import (
+    chat_turns,
+    continues_final_message,
+    error_body,
+    new_id,
+)
 from llmserve.api.llamacpp.protocol import (
     LLAMA_SERVER_DEFAULTS,
     RANDOM_SEED,
@@ -374,7 +379,7 @@ def _render_chat(model: LoadedModel, body: ApplyTemplateRequest, continues: bool
         )
         plan = toolcalls.ToolPlan(functions)
     native = model.template.supports_tools
-    messages = toolcalls.template_messages(_turns(body.messages), plan, native)
+    messages = toolcalls.template_messages(chat_turns(body.messages), plan, native)
     tools = toolcalls.template_tools(plan) if native else None
     extra = body.chat_template_kwargs
     if continues:
@@ -382,22 +387,6 @@ def _render_chat(model: LoadedModel, body: ApplyTemplateRequest, continues: bool
     return model.template.render(
         messages, add_generation_prompt=body.add_generation_prompt, tools=tools, extra=extra
     )
-
-
-def _turns(messages: list[ChatMessage]) -> list[toolcalls.Turn]:
-    return [
-        toolcalls.Turn(
-            role="system" if m.role == "developer" else m.role,
-            content=m.text(),
-            name=m.name,
-            tool_calls=tuple(
-                toolcalls.ToolCall(c.id, c.function.name, c.function.arguments)
-                for c in m.tool_calls or ()
-            ),
-            tool_call_id=m.tool_call_id,
-        )
-        for m in messages
-    ]
 
 
 # ---- responses ----

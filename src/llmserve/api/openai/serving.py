@@ -10,7 +10,7 @@ import struct
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
 
-from llmserve.api.common import FunctionCall, ToolCall, error_body, new_id, now
+from llmserve.api.common import FunctionCall, ToolCall, chat_turns, error_body, new_id, now
 from llmserve.api.openai.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -262,7 +262,7 @@ class OpenAIServing:
                 param="tool_choice",
             )
         native = model.template.supports_tools
-        messages = toolcalls.template_messages(_turns(body), plan, native)
+        messages = toolcalls.template_messages(chat_turns(body.messages), plan, native)
         prompt_ids = model.chat_prompt(
             messages,
             body.add_generation_prompt is not False,
@@ -317,23 +317,6 @@ def _chat_params(body: ChatCompletionRequest) -> dict[str, str]:
         "max_tokens": body.output_limit_param(),
         "banned_token_ids": "banned_tokens",
     }
-
-
-def _turns(body: ChatCompletionRequest) -> list[toolcalls.Turn]:
-    """The request's messages, dialect-neutral (developer messages are system messages)."""
-    return [
-        toolcalls.Turn(
-            role="system" if m.role == "developer" else m.role,
-            content=m.text(),
-            name=m.name,
-            tool_calls=tuple(
-                toolcalls.ToolCall(c.id, c.function.name, c.function.arguments)
-                for c in m.tool_calls or ()
-            ),
-            tool_call_id=m.tool_call_id,
-        )
-        for m in body.messages
-    ]
 
 
 def _sse(chunk: CompletionResponse | ChatCompletionChunk) -> str:
