@@ -7,9 +7,7 @@ non-loopback origin without any network.
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
 import tempfile
 import threading
@@ -27,19 +25,15 @@ from llmserve.core.templates import load_template
 from llmserve.models.manager import ModelManager
 from tests.fake_engine import FakeEngine
 from tests.server import RunningServer, serve
+from tests.ui.browser import FLAGS, chromium_or_skip
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 EVIL_HOST = "evil.example"
 
 
 @pytest.fixture(autouse=True)
 def chromium() -> str:
     """Chromium's path; without it: a failure under CI=true, a skip elsewhere."""
-    if CHROMIUM is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("chromium is not installed, and CI=true needs it (see .ci/run)")
-        pytest.skip("chromium is not installed")
-    return CHROMIUM
+    return chromium_or_skip()
 
 
 PAGE = """<!doctype html><html><body><pre id="out">pending</pre><script>
@@ -99,15 +93,8 @@ def browse(
     with tempfile.TemporaryDirectory() as profile:
         result = subprocess.run(
             [
-                str(CHROMIUM),
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
+                chromium_or_skip(),
+                *FLAGS,
                 f"--host-resolver-rules=MAP {EVIL_HOST} 127.0.0.1",
                 f"--user-data-dir={profile}",
                 "--virtual-time-budget=15000",
