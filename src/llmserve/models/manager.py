@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable, Coroutine, Mapping
@@ -201,7 +202,7 @@ class ModelManager:
 
     def configured(self) -> list[ModelEntry]:
         """The configured models: the start-up one first, then config.yml's `models:`."""
-        first = self._startup_entry()
+        first = self._startup_entry
         return [first, *(m for m in self._settings.models if m.id != first.id)]
 
     def catalog(self, may_load: bool) -> list[ModelState]:
@@ -317,7 +318,7 @@ class ModelManager:
 
     async def load_configured(self) -> LoadedModel:
         """Check and load the start-up model (the settings' `model`, or the first configured)."""
-        entry = self._startup_entry()
+        entry = self._startup_entry
         source = self._source(entry, {})
         self.loading = source.names[0]  # requests wait for the start-up model, checks included
         try:
@@ -331,8 +332,13 @@ class ModelManager:
         self._default_id = model.id
         return model
 
+    @functools.cached_property
     def _startup_entry(self) -> ModelEntry:
-        """The model served at start: `model` (or the bundled one), else the first of `models`."""
+        """The model served at start: `model` (or the bundled one), else the first of `models`.
+
+        Computed once: name resolution asks for it on every request naming an unknown model,
+        and finding the bundled model goes through the import system.
+        """
         s = self._settings
         if s.model is None and s.models:
             return s.models[0].model_copy(update={"pinned": True})
