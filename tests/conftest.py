@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Iterator
 
 import openai
@@ -13,6 +15,12 @@ from tests.server import RunningServer, serve
 
 # Small enough to load fast, big enough for every test prompt; greedy tests stay deterministic.
 TEST_SETTINGS = {"ctx_size": 2048, "parallel": 8, "threads": 2, "threads_batch": 2}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Servers that name no data_dir write their usage database to a temporary folder."""
+    if "LLMSERVE_DATA_DIR" not in os.environ:
+        os.environ["LLMSERVE_DATA_DIR"] = tempfile.mkdtemp(prefix="llmserve-test-data-")
 
 
 @pytest.fixture(scope="session")

@@ -33,7 +33,8 @@ from llmserve.api.responses.serving import ResponsesServing, ResponseStore
 from llmserve.api.together import routes as together_routes
 from llmserve.api.together.serving import TogetherServing, together_error_response
 from llmserve.api.ui import routes as ui_routes
-from llmserve.auth import KeyStore, require_api
+from llmserve.api.usage import routes as usage_routes
+from llmserve.auth import KeyStore, metered
 from llmserve.config import Settings
 from llmserve.core.errors import LLMServeError
 from llmserve.engines.registry import EngineRegistry
@@ -42,6 +43,10 @@ from llmserve.models.leases import LeaseScope
 from llmserve.models.manager import ModelManager
 from llmserve.models.wrappers import serving_engine
 from llmserve.observability import AccessLog, Metrics, RecentRequests
+from llmserve.usage.database import open_database
+from llmserve.usage.metrics import WrittenRecords
+from llmserve.usage.middleware import UsageMeter
+from llmserve.usage.service import UsageService
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +60,15 @@ def create_app(
     """
     manager = models or ModelManager(settings, engines)
     keys = KeyStore(settings.tokens_path(), settings.api_key, settings.disable_auth)
+    usage = open_usage(settings)
     metrics = Metrics(lambda: [(m.id, m.engine.stats()) for m in manager.loaded()])
     manager.wrap_engines(lambda engine: serving_engine(engine, metrics, settings.request_timeout))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         keys.ensure_file()
+        if usage is not None:
+            usage.start()
         loading = None
         if not manager.loaded():
             # Load in the background so /health can answer 503 while the model loads.
@@ -70,10 +78,15 @@ def create_app(
         if loading is not None:
             loading.cancel()  # the load itself finishes (it is shielded); close() waits for it
         await manager.close()
+        if usage is not None:
+            await usage.close()  # after the drain: every finished request's record is written
 
     app = FastAPI(title="llmserve", version=__version__, lifespan=lifespan)
     _attach_state(app, settings, manager, keys, metrics)
-    _add_middleware(app, settings)
+    app.state.usage = usage
+    if usage is not None:
+        metrics.registry.register(WrittenRecords(lambda: usage.records_written))
+    _add_middleware(app, settings, usage)
     app.add_middleware(LeaseScope)  # outermost: leases end after the response is fully sent
     app.include_router(ops.build_router())
     app.include_router(admin_routes.build_info_router())
@@ -82,25 +95,44 @@ def create_app(
         app.include_router(admin_routes.build_admin_router())
         app.include_router(ui_routes.build_console_router())
     app.include_router(ui_routes.build_router(playground=True, console=console))
-    app.include_router(openai_routes.build_router(), dependencies=[Depends(require_api)])
-    app.include_router(kobold_routes.build_router(require_key=settings.kobold_auth))
+    if settings.admin_api and settings.admin_port is None:
+        app.include_router(usage_routes.build_keys_router())
+    app.include_router(usage_routes.build_usage_router())
+    keyed = [Depends(metered())]
+    app.include_router(openai_routes.build_router(), dependencies=keyed)
+    app.include_router(
+        kobold_routes.build_router(require_key=settings.kobold_auth),
+        dependencies=[Depends(metered(open_route=not settings.kobold_auth))],
+    )
     app.include_router(ollama_routes.build_open_router())
-    app.include_router(ollama_routes.build_router(require_key=settings.ollama_auth))
-    app.include_router(together_routes.build_router(), dependencies=[Depends(require_api)])
-    app.include_router(llamacpp_routes.build_router(), dependencies=[Depends(require_api)])
-    app.include_router(anthropic_routes.build_router(), dependencies=[Depends(require_api)])
-    app.include_router(responses_routes.build_router(), dependencies=[Depends(require_api)])
+    app.include_router(
+        ollama_routes.build_router(require_key=settings.ollama_auth),
+        dependencies=[Depends(metered(open_route=not settings.ollama_auth))],
+    )
+    app.include_router(together_routes.build_router(), dependencies=keyed)
+    app.include_router(llamacpp_routes.build_router(), dependencies=keyed)
+    app.include_router(anthropic_routes.build_router(), dependencies=keyed)
+    app.include_router(responses_routes.build_router(), dependencies=keyed)
     return app
+
+
+def open_usage(settings: Settings) -> UsageService | None:
+    """The usage service on the configured database (None when usage is not recorded)."""
+    url = settings.usage_database_url()
+    if url is None:
+        return None
+    return UsageService(open_database(url), settings.anonymous_limits)
 
 
 def create_admin_app(main: FastAPI) -> FastAPI:
     """The admin routes alone, for a separate host/port, sharing the main app's state."""
     admin = FastAPI(title="llmserve admin", version=__version__)
-    for name in ("settings", "models", "keys", "metrics", "overrides", "admin", "recent"):
+    for name in ("settings", "models", "keys", "metrics", "overrides", "admin", "recent", "usage"):
         setattr(admin.state, name, getattr(main.state, name))
-    _add_middleware(admin, main.state.settings)
+    _add_middleware(admin, main.state.settings, None)
     admin.add_middleware(LeaseScope)
     admin.include_router(admin_routes.build_admin_router())
+    admin.include_router(usage_routes.build_keys_router())
     # The admin console lives here then, with the read-only routes it shows.
     admin.include_router(ops.build_router())
     admin.include_router(admin_routes.build_info_router())
@@ -129,7 +161,7 @@ def _attach_state(
     app.state.responses = ResponsesServing(manager, app.state.overrides, ResponseStore())
 
 
-def _add_middleware(app: FastAPI, settings: Settings) -> None:
+def _add_middleware(app: FastAPI, settings: Settings, usage: UsageService | None) -> None:
     # Outermost last: access log, body limit, Host/Origin guard, error handlers, CORS, routes.
     app.add_middleware(PathCORS, settings=settings)
     renderers = ErrorRenderers(
@@ -150,6 +182,8 @@ def _add_middleware(app: FastAPI, settings: Settings) -> None:
     install_error_handlers(app, renderers)
     app.add_middleware(BrowserGuard, settings=settings, renderers=renderers)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, renderers=renderers)
+    if usage is not None:  # inside the access log, whose record it reads
+        app.add_middleware(UsageMeter, usage=usage, dialect_of=renderers.dialect_name)
     app.add_middleware(
         AccessLog,
         metrics=app.state.metrics,

@@ -8,6 +8,7 @@ import logging
 import os
 import secrets
 import tempfile
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
@@ -17,6 +18,9 @@ from fastapi import Request
 
 from llmserve.core.errors import AuthenticationError, PermissionDeniedError
 from llmserve.models.leases import allow_model_loading
+from llmserve.usage.keys import KeyRecord, Role
+from llmserve.usage.middleware import current_meter
+from llmserve.usage.service import FileKey, RateLimitedError, UsageService
 
 log = logging.getLogger(__name__)
 
@@ -196,19 +200,35 @@ class KeyStore:
 
     def permission(self, presented: list[str]) -> Permission:
         """The highest permission any presented key grants."""
+        return self.match(presented)[0]
+
+    def match(self, presented: list[str]) -> tuple[Permission, FileKey | None]:
+        """The highest permission any presented key grants, and that key."""
         if self.disabled:
-            return Permission.ADMIN
+            return Permission.ADMIN, None
         keys = self.keys()
-        best = Permission.NONE
+        best, found = Permission.NONE, None
+        pools = ((Permission.ADMIN, keys.admin), (Permission.API, keys.api))
         # Compare against every key, without stopping early, so timing says nothing.
         for candidate in presented:
-            for key in keys.admin:
-                if hmac.compare_digest(candidate.encode(), key.encode()):
-                    best = max(best, Permission.ADMIN)
-            for key in keys.api:
-                if hmac.compare_digest(candidate.encode(), key.encode()):
-                    best = max(best, Permission.API)
-        return best
+            for permission, pool in pools:
+                for key in pool:
+                    if hmac.compare_digest(candidate.encode(), key.encode()) and permission > best:
+                        best, found = permission, self._file_key(key, permission)
+        return best, found
+
+    def _file_key(self, key: str, permission: Permission) -> FileKey:
+        role: Role = "admin" if permission is Permission.ADMIN else "api"
+        return FileKey(key, role, "cli" if key in self._extra else "file")
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who presented what: the permission, and the key that grants it (file or database)."""
+
+    permission: Permission
+    file_key: FileKey | None = None
+    record: KeyRecord | None = None
 
 
 def presented_keys(request: Request) -> list[str]:
@@ -224,10 +244,35 @@ def presented_keys(request: Request) -> list[str]:
     return keys
 
 
+def identify(request: Request) -> Caller:
+    """The caller of a request: api_tokens.yml and --api-key first, then database keys."""
+    store: KeyStore = request.app.state.keys
+    presented = presented_keys(request)
+    permission, file_key = store.match(presented)
+    usage: UsageService | None = request.app.state.usage
+    if permission is Permission.NONE and usage is not None:
+        record = usage.database_key(presented)
+        if record is not None:
+            granted = Permission.ADMIN if record.role == "admin" else Permission.API
+            return Caller(granted, None, record)
+    return Caller(permission, file_key)
+
+
+def key_permission(request: Request, key: str) -> Permission:
+    """The permission one presented key grants (file, command line or database)."""
+    store: KeyStore = request.app.state.keys
+    permission = store.permission([key])
+    usage: UsageService | None = request.app.state.usage
+    if permission is Permission.NONE and usage is not None:
+        record = usage.database_key([key])
+        if record is not None:
+            return Permission.ADMIN if record.role == "admin" else Permission.API
+    return permission
+
+
 def request_permission(request: Request) -> Permission:
     """The permission of the key a request presents."""
-    store: KeyStore = request.app.state.keys
-    return store.permission(presented_keys(request))
+    return identify(request).permission
 
 
 async def require_api(request: Request) -> Permission:
@@ -245,3 +290,41 @@ async def require_admin(request: Request) -> Permission:
     if permission < Permission.ADMIN:
         raise PermissionDeniedError("this route needs the admin key")
     return permission
+
+
+def metered(open_route: bool = False) -> Callable[[Request], Awaitable[Permission]]:
+    """Dependency for the dialects' routes: `require_api`, then the key's limits and metering.
+
+    On an `open_route` (Kobold or Ollama with their auth off) a caller without a valid key is
+    served as the anonymous principal, with its own limits.
+    """
+
+    async def meter_request(request: Request) -> Permission:
+        caller = identify(request)
+        if caller.permission < Permission.API and not open_route:
+            raise AuthenticationError("a valid API key is required (Authorization: Bearer KEY)")
+        allow_model_loading(caller.permission >= Permission.ADMIN)
+        await _admit(request, caller)
+        return caller.permission
+
+    return meter_request
+
+
+async def _admit(request: Request, caller: Caller) -> None:
+    """Count the request against its principal's limits (429 beyond one)."""
+    usage: UsageService | None = request.app.state.usage
+    meter = current_meter.get()
+    if usage is None or meter is None or meter.key is not None:
+        return  # not metered here, or already admitted by another of the route's dependencies
+    principal = caller.record
+    if principal is None and caller.permission >= Permission.API and caller.file_key is not None:
+        principal = await usage.file_principal(caller.file_key)
+    principal = principal or usage.anonymous
+    if principal is None:
+        return
+    meter.key = principal
+    try:
+        meter.admission = await usage.admit(principal)
+    except RateLimitedError as exc:
+        meter.refusal = exc.refusal
+        raise

@@ -8,10 +8,11 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args, get_origin
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from llmserve.config import EngineOptions, Settings, example_config, load_settings
 from llmserve.exposure import is_loopback
+from llmserve.keys_cli import add_keys_parser, run_keys
 from llmserve.models.catalog import ModelEntry
 
 if TYPE_CHECKING:
@@ -25,12 +26,14 @@ GROUP_STARTS = {
     "host": "server",
     "model": "model",
     "request_timeout": "limits",
+    "data_dir": "data",
     "api_tokens_file": "auth",
     "log_level": "logging",
 }
 OTHER_COMMANDS = (
     "other commands: `llmserve config [--example]` shows the configuration (or a commented "
-    "config.yml), `llmserve keys` prints the keys of api_tokens.yml."
+    "config.yml), `llmserve keys` prints the keys of api_tokens.yml, `llmserve keys "
+    "create|list|revoke|usage` manages database keys and shows usage."
 )
 
 
@@ -38,7 +41,7 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per Settings field, typed from its annotation, help from its description."""
     groups = {
         name: parser.add_argument_group(f"{name} settings")
-        for name in ("server", "model", "engine", "limits", "auth", "logging")
+        for name in ("server", "model", "engine", "limits", "data", "auth", "logging")
     }
     group = "server"
     for name, field in Settings.model_fields.items():
@@ -52,8 +55,8 @@ def _add_flag(group: Any, name: str, kind: Any, description: str | None) -> None
     flag = "--" + name.replace("_", "-")
     if kind is bool or kind == bool | None:
         group.add_argument(flag, action=argparse.BooleanOptionalAction, help=description)
-    elif kind == list[ModelEntry]:
-        return  # a list of mappings: config.yml only
+    elif kind == list[ModelEntry] or (isinstance(kind, type) and issubclass(kind, BaseModel)):
+        return  # mappings: config.yml or the environment (as JSON) only
     elif get_origin(kind) is list or list in get_args(kind):
         group.add_argument(flag, action="append", help=f"{description} (repeatable)")
     else:
@@ -73,9 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_setting_flags(serve)
     config = commands.add_parser("config", help="Show configuration.")
     config.add_argument("--example", action="store_true", help="Print a commented config.yml.")
-    keys = commands.add_parser("keys", help="Print the API and admin keys of api_tokens.yml.")
-    keys.add_argument("--config", type=Path, help="config.yml whose api_tokens.yml to read.")
-    keys.add_argument("--api-tokens-file", type=Path, help="The api_tokens.yml to read.")
+    add_keys_parser(commands)
     return parser
 
 
@@ -92,16 +93,6 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         for name in Settings.model_fields
         if getattr(args, name, None) is not None
     }
-
-
-def print_keys(args: argparse.Namespace) -> None:
-    """`llmserve keys`: show the keys of api_tokens.yml (the console never logs them)."""
-    overrides = {"api_tokens_file": args.api_tokens_file} if args.api_tokens_file else {}
-    path = load_settings(args.config, **overrides).tokens_path()
-    if not path.is_file():
-        raise SystemExit(f"llmserve: {path} does not exist yet; start the server once to create it")
-    print(f"# {path}")
-    print(path.read_text(encoding="utf-8"), end="")
 
 
 def check_engine(settings: Settings) -> None:
@@ -210,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
         print(example_config() if args.example else load_settings().model_dump_json(indent=2))
         return
     if args.command == "keys":
-        print_keys(args)
+        run_keys(args)
         return
     try:
         settings = load_settings(args.config, **_overrides(args))

@@ -18,6 +18,8 @@ from pydantic_settings import (
 from llmserve import exposure
 from llmserve.engines.llamacpp.settings import LlamaCppSettings
 from llmserve.models.catalog import Duration, ModelEntry
+from llmserve.usage.database import default_url, sqlite_path
+from llmserve.usage.keys import KeyLimits
 
 # A list setting read from the environment as "a,b,c" rather than as JSON.
 StrList = Annotated[list[str], NoDecode]
@@ -134,11 +136,34 @@ class Settings(BaseSettings, EngineOptions):
         8 << 20, ge=1024, description="Largest request body accepted (413 beyond)."
     )
 
+    # Data
+    data_dir: Path | None = Field(
+        None,
+        description="Folder for what the server writes: api_tokens.yml, the usage database and "
+        "converted models; default: the folder of config.yml, or the current folder.",
+    )
+    database_url: str | None = Field(
+        None,
+        description="Database of keys, limits and usage, e.g. postgresql://user:pass@host/db "
+        "(shared by replicas); default: SQLite file llmserve.db in data_dir.",
+    )
+    record_usage: bool = Field(
+        True,
+        description="Keep a usage record per request and enforce per-key limits (in the "
+        "database); false: no database, only the keys of api_tokens.yml and --api-key.",
+    )
+    anonymous_limits: KeyLimits = Field(
+        KeyLimits(),
+        description="Limits for requests served without a key (Kobold or Ollama auth off, "
+        "disable_auth), all counted as one principal, `anonymous`: rpm, tpm, max_concurrent, "
+        "quota_tokens, quota_period.",
+    )
+
     # Auth
     api_tokens_file: Path | None = Field(
         None,
-        description="api_tokens.yml holding api_key and admin_key; default: beside config.yml, "
-        "or ./api_tokens.yml. Created with random keys when missing.",
+        description="api_tokens.yml holding api_key and admin_key; default: in data_dir. "
+        "Created with random keys when missing.",
     )
     api_key: StrList = Field([], description="API keys accepted in addition to api_tokens.yml.")
     disable_auth: bool = Field(False, description="Serve without any key check (open to anyone).")
@@ -183,13 +208,26 @@ class Settings(BaseSettings, EngineOptions):
         """The configured engine settings, by name (a load's overrides go on top)."""
         return self.model_dump(include=set(EngineOptions.model_fields))
 
+    def data_path(self) -> Path:
+        """The folder that holds what the server writes."""
+        return self.data_dir or Path(".")
+
     def tokens_path(self) -> Path:
         """Where api_tokens.yml lives."""
-        return self.api_tokens_file or Path("api_tokens.yml")
+        return self.api_tokens_file or self.data_path() / "api_tokens.yml"
+
+    def usage_database_url(self) -> str | None:
+        """The usage database's URL (None when usage is not recorded)."""
+        if not self.record_usage:
+            return None
+        return self.database_url or default_url(self.data_path())
 
     def written_paths(self) -> list[Path]:
         """Every file the server may create or rewrite (with its folder): for deployments."""
-        return [] if self.disable_auth else [self.tokens_path()]
+        paths = [] if self.disable_auth else [self.tokens_path()]
+        url = self.usage_database_url()
+        database = sqlite_path(url) if url else None
+        return paths + ([database] if database is not None else [])
 
     @classmethod
     def settings_customise_sources(
@@ -215,15 +253,15 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         model_config = SettingsConfigDict(yaml_file=config_file)
 
     settings = FileSettings(**overrides)
-    # Only here, so that api_tokens_file in config.yml (or the environment) still counts.
-    if settings.api_tokens_file is None:
-        settings.api_tokens_file = default_tokens_file(config_file)
+    # Only here, so that data_dir in config.yml (or the environment) still counts.
+    if settings.data_dir is None:
+        settings.data_dir = default_data_dir(config_file)
     return settings
 
 
-def default_tokens_file(config_file: Path) -> Path:
-    """api_tokens.yml beside config.yml, unless a setting names another file."""
-    return config_file.parent / "api_tokens.yml"
+def default_data_dir(config_file: Path) -> Path:
+    """The folder of config.yml, unless a setting names another."""
+    return config_file.parent
 
 
 def example_config() -> str:

@@ -11,7 +11,7 @@ from pathlib import Path, PurePosixPath
 import pytest
 
 from llmserve.cli import _overrides, _parse
-from llmserve.config import Settings, default_tokens_file, load_settings
+from llmserve.config import Settings, default_data_dir, load_settings
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 UNIT = DEPLOY / "llmserve.service"
@@ -64,8 +64,8 @@ def server_settings(unit: dict[str, list[str]]) -> tuple[Settings, Path]:
     args = _parse(argv)
     assert args.config is not None, "the unit names its config file"
     settings = load_settings(DEPLOY / "config.yml", **_overrides(args))
-    if settings.api_tokens_file == default_tokens_file(DEPLOY / "config.yml"):
-        settings.api_tokens_file = default_tokens_file(args.config)
+    if settings.data_dir == default_data_dir(DEPLOY / "config.yml"):
+        settings.data_dir = default_data_dir(args.config)
     return settings, args.config
 
 

@@ -35,10 +35,13 @@ def build_router() -> APIRouter:
     """/health: 200 when a model serves, 503 while loading or after an engine failure."""
     router = APIRouter(route_class=LenientJSONRoute, tags=["ops"])
 
-    @router.get("/metrics", dependencies=[Depends(require_api)])
-    async def metrics(request: Request) -> Response:
-        registry = request.app.state.metrics.registry
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    @router.get("/metrics")
+    async def metrics(request: Request, granted: Granted) -> Response:
+        body = generate_latest(request.app.state.metrics.registry)
+        usage = request.app.state.usage
+        if usage is not None and granted >= Permission.ADMIN:  # per-key series: admin only
+            body += generate_latest(usage.metrics.registry)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     @router.get("/v1/auth/permission")
     async def permission(granted: Granted) -> PermissionResponse:

@@ -74,6 +74,14 @@ class ModelNotFoundError(NotFoundError):
     code = "model_not_found"
 
 
+class ConflictError(LLMServeError):
+    """The request clashes with what exists: a taken name, a record owned elsewhere (409)."""
+
+    status = 409
+    type = "invalid_request_error"
+    code = "conflict"
+
+
 class QueueFullError(LLMServeError):
     """Too many requests are already waiting (429)."""
 

@@ -23,7 +23,7 @@ from llmserve.api.kobold.protocol import (
     TokenCountResponse,
 )
 from llmserve.api.kobold.serving import KoboldServing
-from llmserve.auth import KeyStore, Permission, presented_keys, require_api
+from llmserve.auth import Permission, key_permission, presented_keys, require_api
 
 
 def _serving(request: Request) -> KoboldServing:
@@ -33,9 +33,8 @@ def _serving(request: Request) -> KoboldServing:
 
 def _caller_key(request: Request) -> str | None:
     """The API key the caller presented that grants access (it scopes the caller's genkeys)."""
-    store: KeyStore = request.app.state.keys
     for key in presented_keys(request):
-        if store.permission([key]) >= Permission.API:
+        if key_permission(request, key) >= Permission.API:
             return key
     return None
 
