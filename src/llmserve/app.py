@@ -68,7 +68,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         keys.ensure_file()
         if usage is not None:
-            usage.start()
+            usage.start(keys.file_keys())
         loading = None
         if not manager.loaded():
             # Load in the background so /health can answer 503 while the model loads.
@@ -100,15 +100,10 @@ def create_app(
     app.include_router(usage_routes.build_usage_router())
     keyed = [Depends(metered())]
     app.include_router(openai_routes.build_router(), dependencies=keyed)
-    app.include_router(
-        kobold_routes.build_router(require_key=settings.kobold_auth),
-        dependencies=[Depends(metered(open_route=not settings.kobold_auth))],
-    )
+    # Both meter their own routes: each has routes open without a key (version probes).
+    app.include_router(kobold_routes.build_router(require_key=settings.kobold_auth))
     app.include_router(ollama_routes.build_open_router())
-    app.include_router(
-        ollama_routes.build_router(require_key=settings.ollama_auth),
-        dependencies=[Depends(metered(open_route=not settings.ollama_auth))],
-    )
+    app.include_router(ollama_routes.build_router(require_key=settings.ollama_auth))
     app.include_router(together_routes.build_router(), dependencies=keyed)
     app.include_router(llamacpp_routes.build_router(), dependencies=keyed)
     app.include_router(anthropic_routes.build_router(), dependencies=keyed)

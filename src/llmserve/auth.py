@@ -17,7 +17,7 @@ import yaml
 from fastapi import Request
 
 from llmserve.core.errors import AuthenticationError, PermissionDeniedError
-from llmserve.models.leases import allow_model_loading
+from llmserve.models.leases import allow_model_loading, restrict_models
 from llmserve.usage.keys import KeyRecord, Role
 from llmserve.usage.middleware import current_meter
 from llmserve.usage.service import FileKey, RateLimitedError, UsageService
@@ -217,6 +217,14 @@ class KeyStore:
                         best, found = permission, self._file_key(key, permission)
         return best, found
 
+    def file_keys(self) -> list[FileKey]:
+        """Every key of api_tokens.yml and --api-key now in force."""
+        if self.disabled:
+            return []
+        keys = self.keys()
+        admin = [self._file_key(key, Permission.ADMIN) for key in keys.admin]
+        return admin + [self._file_key(key, Permission.API) for key in keys.api]
+
     def _file_key(self, key: str, permission: Permission) -> FileKey:
         role: Role = "admin" if permission is Permission.ADMIN else "api"
         return FileKey(key, role, "cli" if key in self._extra else "file")
@@ -277,11 +285,18 @@ def request_permission(request: Request) -> Permission:
 
 async def require_api(request: Request) -> Permission:
     """Dependency: an API or admin key (401 otherwise)."""
-    permission = request_permission(request)
-    if permission < Permission.API:
+    caller = identify(request)
+    if caller.permission < Permission.API:
         raise AuthenticationError("a valid API key is required (Authorization: Bearer KEY)")
-    allow_model_loading(permission >= Permission.ADMIN)  # inline model loads need the admin key
-    return permission
+    _scope(caller)
+    return caller.permission
+
+
+def _scope(caller: Caller) -> None:
+    """Tell the model manager what this caller may load and use."""
+    allow_model_loading(caller.permission >= Permission.ADMIN)  # on-demand loads: admin key
+    record = caller.record
+    restrict_models(record.allowed_models if record is not None else None)
 
 
 async def require_admin(request: Request) -> Permission:
@@ -303,7 +318,7 @@ def metered(open_route: bool = False) -> Callable[[Request], Awaitable[Permissio
         caller = identify(request)
         if caller.permission < Permission.API and not open_route:
             raise AuthenticationError("a valid API key is required (Authorization: Bearer KEY)")
-        allow_model_loading(caller.permission >= Permission.ADMIN)
+        _scope(caller)
         await _admit(request, caller)
         return caller.permission
 

@@ -76,15 +76,12 @@ class Settings(BaseSettings, EngineOptions):
     sampler_overrides_dir: Path = Field(
         Path("sampler_overrides"), description="Folder of YAML sampling presets."
     )
-    inline_model_loading: bool = Field(
-        False,
-        description="Let admin-key requests naming a file of models_dir load it on demand "
-        "(configured models are always loadable; see `models`).",
-    )
     models: list[ModelEntry] = Field(
         [],
         description="Configured models (id, path, aliases, chat_template, autoload, pinned, "
-        "keep_alive, and engine settings such as ctx_size or parallel), served by name.",
+        "keep_alive, preset, loras, and engine settings such as ctx_size or parallel), served "
+        "by name; a request naming one that is not loaded loads it with the admin key, or with "
+        "any key when it is `autoload` (files of models_dir load by name with the admin key).",
     )
     max_loaded_models: int = Field(
         1,

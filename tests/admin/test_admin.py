@@ -301,23 +301,22 @@ def test_load_too_large_for_memory_is_refused(server: RunningServer) -> None:
     assert chat_model(server) == "smol-a"
 
 
-def test_inline_model_loading(home: Path) -> None:
+def test_a_file_of_models_dir_loads_by_name_with_the_admin_key(home: Path) -> None:
     settings = Settings(
         model=str(home / "models" / "smol-a.gguf"),
         models_dir=home / "models",
         api_tokens_file=home / "api_tokens.yml",
-        inline_model_loading=True,
         **TEST_SETTINGS,
     )
-    with serve(create_app(settings)) as inline:
+    with serve(create_app(settings)) as running:
         body = {**HELLO, "model": "smol-b"}
-        # Loading a model is the admin's to decide, as in TabbyAPI.
-        assert post(inline, "/v1/chat/completions", body, API).status_code == 403
-        r = post(inline, "/v1/chat/completions", body, ADMIN)
+        # Loading a model is the admin's to decide (files of models_dir are never autoload).
+        assert post(running, "/v1/chat/completions", body, API).status_code == 403
+        r = post(running, "/v1/chat/completions", body, ADMIN)
         assert r.status_code == 200, r.text
         assert r.json()["model"] == "smol-b"
         # A name that is not in the folder is still served by the loaded model.
         assert (
-            post(inline, "/v1/chat/completions", {**HELLO, "model": "gpt-4"}, API).json()["model"]
+            post(running, "/v1/chat/completions", {**HELLO, "model": "gpt-4"}, API).json()["model"]
             == "smol-b"
         )

@@ -70,7 +70,7 @@ def settings_for(home: Path, **extra: object) -> Settings:
 
 @pytest.fixture(scope="module")
 def server(home: Path) -> Iterator[RunningServer]:
-    with serve(create_app(settings_for(home, inline_model_loading=True))) as running:
+    with serve(create_app(settings_for(home))) as running:
         yield running
 
 
@@ -217,10 +217,10 @@ def test_an_unload_waits_for_the_request_that_holds_the_model(server: RunningSer
     assert load(server, "life-a").status_code == 200
 
 
-# ---- item 3: inline loading ----
+# ---- item 3: loading a file of models_dir by name ----
 
 
-def test_inline_loading_needs_the_admin_key(server: RunningServer) -> None:
+def test_loading_a_file_by_name_needs_the_admin_key(server: RunningServer) -> None:
     refused = post(server, "/v1/chat/completions", {**HELLO, "model": "life-b"}, API)
     assert refused.status_code == 403
     assert refused.json()["error"]["type"] == "permission_error"

@@ -11,6 +11,12 @@ from llmserve.cli import _overrides, _parse
 from llmserve.config import example_config, load_settings
 
 
+@pytest.fixture(autouse=True)
+def _no_test_data_dir(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests check defaults: without the test session's LLMSERVE_DATA_DIR."""
+    monkeypatch.delenv("LLMSERVE_DATA_DIR", raising=False)
+
+
 def test_file_then_environment_then_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = tmp_path / "config.yml"
     config.write_text(
@@ -26,7 +32,7 @@ def test_file_then_environment_then_flags(tmp_path: Path, monkeypatch: pytest.Mo
     assert settings.ctx_size == 777  # environment beats the file
     assert settings.threads == 3  # flag beats environment and file
     assert settings.api_key == ["c"]
-    assert settings.api_tokens_file == tmp_path / "api_tokens.yml"  # beside config.yml
+    assert settings.tokens_path() == tmp_path / "api_tokens.yml"  # in data_dir: config's folder
 
 
 def test_unknown_or_bad_values_are_refused(tmp_path: Path) -> None:
@@ -60,7 +66,11 @@ def test_tokens_file_named_in_config_yml_is_used(tmp_path: Path) -> None:
     config.write_text(yaml.safe_dump({"api_tokens_file": "/var/lib/llmserve/api_tokens.yml"}))
     assert load_settings(config).api_tokens_file == Path("/var/lib/llmserve/api_tokens.yml")
     config.write_text(yaml.safe_dump({"port": 1}))
-    assert load_settings(config).api_tokens_file == tmp_path / "api_tokens.yml"
+    assert load_settings(config).tokens_path() == tmp_path / "api_tokens.yml"
+    config.write_text(yaml.safe_dump({"data_dir": "/srv/llmserve"}))
+    settings = load_settings(config)
+    assert settings.tokens_path() == Path("/srv/llmserve/api_tokens.yml")
+    assert settings.usage_database_url() == "sqlite:////srv/llmserve/llmserve.db"
 
 
 def test_an_unknown_engine_stops_the_server_before_it_starts(tmp_path: Path) -> None:
@@ -90,6 +100,7 @@ def test_help_shows_the_server_flags_grouped(capsys: pytest.CaptureFixture[str])
         "model settings:",
         "engine settings:",
         "limits settings:",
+        "data settings:",
         "auth settings:",
         "logging settings:",
     ]

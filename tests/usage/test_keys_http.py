@@ -290,3 +290,26 @@ def test_a_quota_is_overrun_by_at_most_the_requests_in_flight(server: RunningSer
     assert quota <= used <= quota + clients * biggest, (used, biggest)
     row = wait_for_records(server, "heidi", len(served) + clients)
     assert row["total_tokens"] == used and row["errors"] == clients
+
+
+def test_a_key_with_an_allow_list_sees_and_uses_only_those_models(server: RunningServer) -> None:
+    served = HTTP.get(f"{server.url}/v1/models", headers=ADMIN).json()["data"][0]["id"]
+    allowed = create_key(server, "ivan", models=[served])["key"]
+    other = create_key(server, "judy", models=["some-other-model"])["key"]
+    url = f"{server.url}/v1/chat/completions"
+    assert (
+        HTTP.post(url, headers=bearer(allowed), json={**CHAT, "model": served}).status_code == 200
+    )
+    refused = HTTP.post(url, headers=bearer(other), json={**CHAT, "model": served})
+    assert refused.status_code == 403 and refused.json()["error"]["type"] == "permission_error"
+    assert served in refused.json()["error"]["message"]
+    ollama = HTTP.post(
+        f"{server.url}/api/chat",
+        headers=bearer(other),
+        json={"model": served, "messages": [{"role": "user", "content": "hi"}], "stream": False},
+    )
+    assert ollama.status_code == 403 and "error" in ollama.json()
+    listed = HTTP.get(f"{server.url}/v1/models", headers=bearer(other)).json()["data"]
+    assert listed == []
+    mine = HTTP.get(f"{server.url}/v1/models", headers=bearer(allowed)).json()["data"]
+    assert [item["id"] for item in mine] == [served]

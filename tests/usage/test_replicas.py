@@ -178,3 +178,20 @@ def test_records_acknowledged_before_a_sigkill_survive_it(tmp_path: Path, kind: 
     finally:
         if dropped is not None:
             drop_postgres_database(dropped)
+
+
+def test_a_clean_shutdown_writes_every_record(tmp_path: Path) -> None:
+    database_url = f"sqlite:///{tmp_path / 'usage.db'}"
+    with replica(tmp_path, "clean", database_url) as (process, url):
+
+        async def load() -> list[int]:
+            async with httpx.AsyncClient(
+                base_url=url, headers=bearer(API_KEY), timeout=120
+            ) as http:
+                calls = (http.post("/v1/chat/completions", json=CHAT) for _ in range(12))
+                return [r.status_code for r in await asyncio.gather(*calls)]
+
+        assert asyncio.run(load()) == [200] * 12
+        process.terminate()  # SIGTERM: drain, then close the usage database
+        assert process.wait(timeout=120) == 0
+    assert stored_records(database_url) == 12

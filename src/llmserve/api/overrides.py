@@ -9,6 +9,7 @@ accepted and stored under the base's name.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -85,6 +86,10 @@ class SamplingOverrides:
     def __init__(self) -> None:
         self.preset: str | None = None
         self.values: dict[str, OverrideValue] = {}
+        # Presets of configured models (config.yml's `preset:`), validated, by preset name, and
+        # the preset of the model a request names; the admin serving fills both in.
+        self.model_presets: dict[str, dict[str, OverrideValue]] = {}
+        self.preset_of: Callable[[str | None], str | None] = lambda model: None
 
     def set(self, preset: str | None, values: dict[str, OverrideValue]) -> None:
         """Validate and switch to `values`; unknown names or bad values are a 400, old kept."""
@@ -105,14 +110,23 @@ class SamplingOverrides:
         self.preset, self.values = None, {}
 
     def apply(self, body: R) -> R:
-        """`body` with preset values filled in where unset, and forced ones always."""
+        """`body` with preset values filled in where unset, and forced ones always.
+
+        The serving model's own preset goes over the admin's (field by field).
+        """
         fields = type(body).model_fields
+        values = {**self.values, **self._model_values(body)}
         update = {
             name: value.override
-            for name, value in self.values.items()
+            for name, value in values.items()
             if name in fields and (value.force or getattr(body, name) is None)
         }
         return body.model_copy(update=update) if update else body
+
+    def _model_values(self, body: SamplerFields) -> dict[str, OverrideValue]:
+        model = getattr(body, "model", None)  # Ollama's options and Kobold's bodies have none
+        preset = self.preset_of(model if isinstance(model, str) else None)
+        return self.model_presets.get(preset, {}) if preset is not None else {}
 
 
 def _source(preset: str | None) -> str:

@@ -39,6 +39,23 @@ def _refuse(value: Any) -> float:
 Duration = Annotated[float | None, BeforeValidator(parse_duration)]
 
 
+def _lora_spec(value: Any) -> Any:
+    # A bare name is the adapter at full strength.
+    return {"name": value} if isinstance(value, str) else value
+
+
+class LoraRef(BaseModel):
+    """An adapter of loras_dir applied when the model loads, and its strength."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, description="Its file name in loras_dir (suffix optional).")
+    scaling: float = Field(default=1.0, description="How strongly it applies (1: as trained).")
+
+
+LoraEntry = Annotated[LoraRef, BeforeValidator(_lora_spec)]
+
+
 def bare_name(name: str) -> str:
     """`name` without Ollama's default tag."""
     return name[: -len(DEFAULT_TAG)] if name.endswith(DEFAULT_TAG) else name
@@ -64,6 +81,16 @@ class ModelEntry(BaseModel):
     pinned: bool = Field(default=False, description="Never unload it to make room or when idle.")
     keep_alive: Duration = Field(
         default=None, description="Unload it when idle this long (empty: the server's keep_alive)."
+    )
+    preset: str | None = Field(
+        default=None,
+        description="A sampling preset of sampler_overrides_dir for its requests (their own "
+        "fields still win, unless the preset forces a value).",
+    )
+    loras: list[LoraEntry] = Field(
+        default=[],
+        description="LoRA adapters of loras_dir applied when it loads: names, or "
+        "{name, scaling} entries.",
     )
 
     @property

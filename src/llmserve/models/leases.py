@@ -10,14 +10,16 @@ thread through, nothing to forget to release. A swapped-out or unloaded model is
 its last lease is released (bounded by the manager's drain timeout); outside a request
 (tests, background work) nothing is leased and the drain falls back to the engine's counts.
 
-The scope also carries what the caller's key may do: the auth dependency records it, so the
-manager can refuse an inline model load to an API key without the dialects passing it down.
+The scope also carries what the caller's key may do (load models; use only some models): the auth
+dependency records it, so the manager can refuse a model load, or a model, to an API key without
+the dialects passing it down. It records the model the request was given, too, so that a
+model's own sampling preset applies to the request.
 The context variable holds no state of its own: each request's scope lives in its context.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,10 +55,12 @@ class LeaseCount:
 
 @dataclass
 class RequestScope:
-    """What one HTTP request holds: its leases, and whether its key may load models."""
+    """What one HTTP request holds: its leases, what its key may do, the model it was given."""
 
     releases: list[Release] = field(default_factory=list)
     may_load_models: bool = False
+    allowed_models: frozenset[str] | None = None  # names (ids or aliases); None: every model
+    model: str | None = None  # the id of the model that serves it, once one was picked
 
     def release_all(self) -> None:
         """Give every lease back."""
@@ -78,6 +82,32 @@ def allow_model_loading(allowed: bool) -> None:
     scope = _CURRENT.get()
     if scope is not None:
         scope.may_load_models = allowed
+
+
+def restrict_models(names: Iterable[str] | None) -> None:
+    """Record the models the current request's key may use, by id or alias (None: all)."""
+    scope = _CURRENT.get()
+    if scope is not None:
+        scope.allowed_models = None if names is None else frozenset(names)
+
+
+def allowed_models() -> frozenset[str] | None:
+    """The models the current request may use (None: every model, also outside a request)."""
+    scope = _CURRENT.get()
+    return None if scope is None else scope.allowed_models
+
+
+def record_model(model_id: str) -> None:
+    """Note the model that serves the current request."""
+    scope = _CURRENT.get()
+    if scope is not None:
+        scope.model = model_id
+
+
+def current_model() -> str | None:
+    """The id of the model serving the current request, once it was picked."""
+    scope = _CURRENT.get()
+    return None if scope is None else scope.model
 
 
 def may_load_models() -> bool:

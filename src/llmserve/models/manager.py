@@ -4,14 +4,22 @@ Lifetimes: a request leases the model it picks (see `leases`), and a swapped-out
 engine is closed only when its last lease is gone (at most RETIRE_WAIT_SECONDS later). Loads
 run as tasks of their own, shielded from the request that asked for them, so a client that
 disconnects mid-load still leaves the engine registered, never orphaned. A monitor notices an
-engine whose thread died, marks its model failed and reloads it from the same file; when that
-fails and nothing else can serve, the `on_fatal` callbacks run (the server then exits non-zero).
+engine whose thread died, marks its model failed and reloads it from the same file (with the
+adapters it had); requests naming it meanwhile wait for that reload (bounded), then get a 503
+with Retry-After; a reload that failed is tried again by the next request. When a reload fails
+and nothing else can serve, the `on_fatal` callbacks run (the server then exits non-zero).
+
+Who may use what: a request naming a model that is not loaded loads it when its key may load
+models (the admin key) or the configured entry is `autoload`; files of models_dir that are not
+configured load by their name for the admin key only. A key restricted to some models (see
+`leases.restrict_models`) is refused any other, and listings show it only those.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import time
@@ -25,6 +33,7 @@ from pydantic import BaseModel, ValidationError
 from llmserve.config import Settings
 from llmserve.core.continuation import render_continuation
 from llmserve.core.errors import (
+    InvalidRequestError,
     LLMServeError,
     ModelNotFoundError,
     PermissionDeniedError,
@@ -37,6 +46,7 @@ from llmserve.core.templates import (
     read_template_file,
 )
 from llmserve.engines.base import (
+    AdapterSpec,
     Engine,
     EngineFactory,
     InsufficientMemoryError,
@@ -45,10 +55,16 @@ from llmserve.engines.base import (
 from llmserve.engines.registry import EngineRegistry, default_registry
 from llmserve.engines.settings import EngineSettings
 from llmserve.models import leases
-from llmserve.models.catalog import ModelEntry, bare_name
+from llmserve.models.catalog import LoraRef, ModelEntry, bare_name
 from llmserve.models.defaults import default_model_path
 from llmserve.models.leases import LeaseCount
-from llmserve.models.registry import FileEntry, list_files, resolve_file
+from llmserve.models.registry import (
+    LORA_SUFFIXES,
+    PRESET_SUFFIXES,
+    FileEntry,
+    list_files,
+    resolve_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +72,7 @@ LOAD_WAIT_SECONDS = 60.0  # how long a request waits for the start-up model, the
 # How long a request waits for the model it named to be loaded (behind other loads, and for
 # busy models to finish so that it fits), then 503; loads themselves are not cut short.
 ON_DEMAND_WAIT_SECONDS = 300.0
+REVIVE_WAIT_SECONDS = 30.0  # how long a request waits for a dead engine's reload, then 503
 RETIRE_WAIT_SECONDS = 600.0  # how long a swapped-out engine may finish its requests
 DRAIN_POLL_SECONDS = 0.05
 MONITOR_SECONDS = 0.5  # how often the monitor looks for dead engine threads
@@ -63,6 +80,8 @@ MONITOR_SECONDS = 0.5  # how often the monitor looks for dead engine threads
 ProgressCallback = Callable[[str, float], None]
 EngineWrapper = Callable[[Engine], Engine]
 FatalCallback = Callable[[str], None]
+PresetCheck = Callable[[str, Path], None]  # (preset name, its file): raises when it is not valid
+Health = Literal["loaded", "available", "loading", "failed"]
 T = TypeVar("T")
 
 
@@ -76,6 +95,8 @@ class LoadSource:
     template_file: Path | None = None
     keep_alive: float | None = None  # idle seconds before it is unloaded; None: never
     pinned: bool = False  # never unloaded to make room or when idle
+    loras: tuple[tuple[str, AdapterSpec], ...] = ()  # (name, adapter) applied once it loads
+    preset: str | None = None  # the sampling preset of its requests
 
 
 @dataclass(frozen=True)
@@ -104,6 +125,12 @@ class LoadedModel:
     keep_alive: float | None = None  # idle seconds before it is unloaded; None: never
     pinned: bool = False
     last_used: float = field(default_factory=time.monotonic)
+    loras: dict[str, float] = field(default_factory=dict)  # active adapters: name -> scaling
+
+    @property
+    def preset(self) -> str | None:
+        """The sampling preset configured for its requests."""
+        return self.source.preset if self.source is not None else None
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -153,11 +180,13 @@ class ModelManager:
         self._ready = asyncio.Event()
         self._retiring: dict[asyncio.Task[None], LoadedModel] = {}
         self._loads: set[asyncio.Task[Any]] = set()
-        self._revivals: set[asyncio.Task[None]] = set()
+        self._revivals: dict[str, asyncio.Task[None]] = {}  # by model id: one reload at a time
+        self._check_preset: PresetCheck | None = None
         self._monitor: asyncio.Task[None] | None = None
         self._fatal_callbacks: list[FatalCallback] = []
         self._pending: dict[str, asyncio.Task[LoadedModel]] = {}  # one load per model id
         self._waiters: dict[str, int] = {}  # requests waiting for each pending load
+        self._load_failures: dict[str, str] = {}  # why the last on-demand load of a model failed
         self._default_id: str | None = None  # the model requests without `model` get
         self.loading: str | None = None
         self.load_error: str | None = None
@@ -169,6 +198,10 @@ class ModelManager:
         self._wrap = wrapper
         for model in self._models.values():
             model.engine = wrapper(model.engine)
+
+    def check_presets_with(self, check: PresetCheck) -> None:
+        """Validate the configured models' presets with `check` (the API layer knows presets)."""
+        self._check_preset = check
 
     def on_fatal(self, callback: FatalCallback) -> None:
         """Call `callback(reason)` when no model can serve and none could be loaded."""
@@ -205,20 +238,68 @@ class ModelManager:
         first = self._startup_entry
         return [first, *(m for m in self._settings.models if m.id != first.id)]
 
+    def visible(self) -> list[LoadedModel]:
+        """The loaded models the current request's key may use, default first."""
+        return [m for m in self.loaded() if _allowed(m.names)]
+
     def catalog(self, may_load: bool) -> list[ModelState]:
-        """What a key sees: loaded models, and those it may load (all, with the admin key)."""
-        states = [ModelState(m.id, "loaded", m) for m in self.loaded()]
+        """What a key sees: loaded models, and those it may load (all, with the admin key).
+
+        A key restricted to some models sees only those.
+        """
+        states = [ModelState(m.id, "loaded", m) for m in self.visible()]
         listed = {name for model in self._models.values() for name in model.names}
+        for names, autoload in self._candidates():
+            if names[0] in listed or not (may_load or autoload) or not _allowed(names):
+                continue
+            listed.add(names[0])
+            states.append(
+                ModelState(names[0], "loading" if names[0] in self._pending else "available")
+            )
+        return states
+
+    def _candidates(self) -> list[tuple[tuple[str, ...], bool]]:
+        """Models that could be loaded, by their names, and whether any key may load them."""
         # The bundled model, when nothing names it, is what serves, not something to offer.
         named = self._settings.model is not None or self._settings.models
-        candidates = [(e.id, e.autoload) for e in self.configured()] if named else []
-        candidates += [(f.name, False) for f in self.available()]
-        for name, autoload in candidates:
-            if name in listed or not (may_load or autoload):
-                continue
-            listed.add(name)
-            states.append(ModelState(name, "loading" if name in self._pending else "available"))
-        return states
+        candidates = [(e.names, e.autoload) for e in self.configured()] if named else []
+        return candidates + [((f.name,), False) for f in self.available()]
+
+    def health(self, name: str) -> Health:
+        """The state of the model a request naming `name` gets, for `/health?model=`.
+
+        Open without a key, so it reveals no more than naming the model in a request would:
+        the answering model's state for names that resolve (configured or loaded models, and
+        every name when one model serves them all), ModelNotFoundError for any other.
+        """
+        entry = None if self._loaded_named(name) else self._configured_named(name)
+        if entry is not None:
+            if entry.id in self._pending or self.loading == entry.id:
+                return "loading"
+            return "failed" if entry.id in self._load_failures else "available"
+        model = self._loaded_named(name) or self._stand_in()
+        if model is None:
+            raise ModelNotFoundError(f"the model `{name}` does not exist", param="model")
+        alive = model.failed is None and model.engine.stats().alive
+        return "loaded" if alive else "failed"
+
+    def preset_for(self, requested: str | None) -> str | None:
+        """The sampling preset of the model that serves (or would serve) `requested`.
+
+        Once the request was given its model, that model's; before, the one a request naming
+        `requested` would get: a loaded or configured model of that name, else the fallback or
+        the default model.
+        """
+        picked = leases.current_model()
+        if picked is not None and picked in self._models:
+            return self._models[picked].preset
+        if requested is not None:
+            if (model := self._loaded_named(requested)) is not None:
+                return model.preset
+            if (entry := self._configured_named(requested)) is not None:
+                return entry.preset
+        model = self._stand_in() if requested is not None else self._default()
+        return model.preset if model is not None else None
 
     def _model_suffixes(self) -> tuple[str, ...]:
         return self.engines.get(self._settings.engine).model_suffixes
@@ -233,29 +314,40 @@ class ModelManager:
         """The model that answers a request naming `requested` (None: the default).
 
         Inside an HTTP request the model is leased until the response has been sent.
+        A model whose engine died is being reloaded: 503 (with Retry-After) until it is back.
         """
         model = self._pick(requested)
         self._notice_death(model)
+        if model.failed is not None:
+            self._revive_soon(model)
+            raise ServiceUnavailableError(
+                f"the model `{model.id}` is being reloaded after its engine stopped; retry"
+            )
         model.last_used = time.monotonic()
         leases.lease(model.users)
+        leases.record_model(model.id)
         return model
 
     def _pick(self, requested: str | None) -> LoadedModel:
+        """The loaded model that answers `requested`; 403 when the key may not use it."""
         default = self._default()
         if default is None:
             raise ServiceUnavailableError(self.load_error or "no model is loaded")
-        if requested is None:
-            return default
-        named = self._loaded_named(requested)
-        if named is not None:
-            return named
+        model = self._loaded_named(requested) if requested is not None else default
+        model = model or self._stand_in()
+        if model is None:
+            raise ModelNotFoundError(f"the model `{requested}` does not exist", param="model")
+        if model is default and requested is not None and not model.answers_to(requested):
+            log.debug("request names model %r; served by %s", requested, default.id)
+        _check_allowed(model.names, requested)
+        return model
+
+    def _stand_in(self) -> LoadedModel | None:
+        """The model answering a name no loaded model has: the fallback, or the only one."""
         fallback = self._settings.fallback_model
         if fallback is not None and (model := self._loaded_named(fallback)) is not None:
             return model
-        if self._answers_every_name():
-            log.debug("request names model %r; served by %s", requested, default.id)
-            return default
-        raise ModelNotFoundError(f"the model `{requested}` does not exist", param="model")
+        return self._default() if self._answers_every_name() else None
 
     def _answers_every_name(self) -> bool:
         """One configured model serves whatever name a request gives (DESIGN's naming rule)."""
@@ -269,19 +361,26 @@ class ModelManager:
     def _loaded_named(self, name: str) -> LoadedModel | None:
         return next((m for m in self._models.values() if m.answers_to(name)), None)
 
+    def _configured_named(self, name: str) -> ModelEntry | None:
+        return next((e for e in self.configured() if _names_match(name, e.names)), None)
+
     async def acquire(self, requested: str | None) -> LoadedModel:
         """Like resolve, but waits for a load in progress and loads a named model on demand.
 
-        A configured model that is not loaded is loaded when the key may load models or the
-        model is `autoload`, else 403; files of the models folder only with inline loading.
+        A model that is not loaded (configured, or a file of models_dir) is loaded when the
+        key may load models or its entry is `autoload`, else 403; a model whose engine died
+        is waited for while it reloads (bounded).
         """
         entry = self._loadable(requested) if requested is not None else None
+        if entry is not None:
+            _check_allowed(entry.names, requested)
         if entry is not None and not (leases.may_load_models() or entry.autoload):
             if self._answers_every_name() and entry.id == self.configured()[0].id:
                 entry = None  # round 1's rule: one configured model answers every name
             else:
                 raise PermissionDeniedError(
-                    f"the model `{requested}` is not loaded, and loading it needs the admin key",
+                    f"the model `{requested}` is not loaded, and loading it needs the admin key "
+                    "(or `autoload: true` in its config entry)",
                     param="model",
                 )
         if entry is not None:
@@ -289,26 +388,38 @@ class ModelManager:
         elif self._default() is None and self.loading is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._ready.wait(), LOAD_WAIT_SECONDS)
+        await self._await_revival(self._pick(requested))
         return self.resolve(requested)
 
     def get(self, name: str) -> LoadedModel:
-        """The loaded model called exactly `name`."""
+        """The loaded model called exactly `name` (one the key may not use does not exist)."""
         model = self._loaded_named(name)
-        if model is None:
+        if model is None or not _allowed(model.names):
             raise ModelNotFoundError(f"the model `{name}` does not exist", param="model")
         return model
+
+    def target(self, name: str | None) -> LoadedModel:
+        """The loaded model an admin action names (None: the default), without fallbacks."""
+        if name is None:
+            model = self._default()
+            if model is None:
+                raise ServiceUnavailableError(self.load_error or "no model is loaded")
+            return model
+        named = self._loaded_named(name)
+        if named is None or not _allowed(named.names):
+            raise ModelNotFoundError(f"the model `{name}` is not loaded", param="model")
+        return named
 
     def _loadable(self, name: str) -> ModelEntry | None:
         """The entry a request naming `name` may load, when it is not loaded."""
         if self._loaded_named(name) is not None:
             return None
-        for entry in self.configured():
-            if bare_name(name) in entry.names or name in entry.names:
-                return entry
-        if self._settings.inline_model_loading:
-            stem = bare_name(name)
-            if any(f.name == stem for f in self.available()):
-                return ModelEntry(id=stem)
+        entry = self._configured_named(name)
+        if entry is not None:
+            return entry
+        stem = bare_name(name)
+        if any(f.name == stem for f in self.available()):
+            return ModelEntry(id=stem)  # loadable by the admin key alone (never autoload)
         return None
 
     def _is_loaded(self, name: str) -> bool:
@@ -319,9 +430,10 @@ class ModelManager:
     async def load_configured(self) -> LoadedModel:
         """Check and load the start-up model (the settings' `model`, or the first configured)."""
         entry = self._startup_entry
-        source = self._source(entry, {})
-        self.loading = source.names[0]  # requests wait for the start-up model, checks included
+        self.loading = entry.id  # requests wait for the start-up model, checks included
         try:
+            self.check_entries()
+            source = self._source(entry, {})
             need = await self._check_file(source) if self._swapping else None
             model = await self._load(source, need)
         except Exception as exc:
@@ -374,6 +486,43 @@ class ModelManager:
         progress("ready", 1.0)
         return model
 
+    def check_entries(self) -> None:
+        """Check every configured model's LoRA adapters and preset (at start: config errors)."""
+        for entry in self.configured():
+            self._lora_specs(entry.id, entry.loras)
+            self._preset(entry)
+
+    def _lora_specs(
+        self, model_id: str, loras: list[LoraRef]
+    ) -> tuple[tuple[str, AdapterSpec], ...]:
+        """The adapter files of `loras`; 404 naming the model and the adapter that is missing."""
+        try:
+            return tuple(
+                (lora.name, AdapterSpec(str(self.lora_file(lora.name)), lora.scaling))
+                for lora in loras
+            )
+        except LLMServeError as exc:  # a missing file (404) or a name outside the folder (400)
+            message = f"model `{model_id}`: {exc.message}"
+            raise type(exc)(message, param="loras", code=exc.code) from None
+
+    def lora_file(self, name: str) -> Path:
+        """The adapter file called `name` in loras_dir."""
+        return resolve_file(self._settings.loras_dir, name, LORA_SUFFIXES, "LoRA")
+
+    def _preset(self, entry: ModelEntry) -> str | None:
+        """The entry's preset, checked: its file exists and is a valid preset (else 4xx)."""
+        if entry.preset is None:
+            return None
+        root = self._settings.sampler_overrides_dir
+        try:
+            path = resolve_file(root, entry.preset, PRESET_SUFFIXES, "preset")
+            if self._check_preset is not None:
+                self._check_preset(entry.preset, path)
+        except LLMServeError as exc:
+            message = f"model `{entry.id}`: {exc.message}"
+            raise type(exc)(message, param="preset", code=exc.code) from None
+        return entry.preset
+
     def _source(self, entry: ModelEntry, overrides: Mapping[str, Any]) -> LoadSource:
         """How to load `entry`: its file, names and engine settings (with `overrides` on top)."""
         engine = self.engine_settings({**entry.engine_overrides(), **overrides})
@@ -389,6 +538,8 @@ class ModelManager:
             template_file=entry.chat_template,
             keep_alive=self._settings.keep_alive if keep_alive is None else keep_alive,
             pinned=entry.pinned,
+            loras=self._lora_specs(entry.id, entry.loras),
+            preset=self._preset(entry),
         )
 
     async def _load_once(self, entry: ModelEntry) -> LoadedModel:
@@ -402,7 +553,7 @@ class ModelManager:
         if task is None:
             task = asyncio.create_task(self.load_named(entry.id))
             self._pending[entry.id] = task
-            task.add_done_callback(lambda _: self._pending.pop(entry.id, None))
+            task.add_done_callback(functools.partial(self._load_done, entry.id))
         self._waiters[entry.id] = self._waiters.get(entry.id, 0) + 1
         try:
             return await asyncio.wait_for(asyncio.shield(task), ON_DEMAND_WAIT_SECONDS)
@@ -414,6 +565,16 @@ class ModelManager:
             raise
         finally:
             self._waiters[entry.id] -= 1
+
+    def _load_done(self, model_id: str, task: asyncio.Task[LoadedModel]) -> None:
+        """Forget a finished on-demand load, remembering why it failed (for /health)."""
+        self._pending.pop(model_id, None)
+        error = None if task.cancelled() else task.exception()
+        if error is None:
+            self._load_failures.pop(model_id, None)
+        else:
+            reason = error.message if isinstance(error, LLMServeError) else str(error)
+            self._load_failures[model_id] = reason
 
     @property
     def _swapping(self) -> bool:
@@ -537,6 +698,7 @@ class ModelManager:
                 factory.load, source.engine, source.path, source.names[0]
             )
             try:
+                await _apply_adapters(engine, source.names[0], source.loras)
                 return engine, self._template(engine, source.template_file)
             except Exception:
                 await engine.close()
@@ -568,6 +730,7 @@ class ModelManager:
             self._models.pop(old.id, None)
         model = self.register(engine, list(source.names), template, source)
         model.keep_alive, model.pinned = source.keep_alive, source.pinned
+        model.loras = {name: spec.scale for name, spec in source.loras}
         for old in replaced:
             self._retire(old)
         return model
@@ -624,7 +787,7 @@ class ModelManager:
         grace, or uvicorn's wait for open connections); what still runs is aborted through
         each engine, so every stream gets its final event and can close properly.
         """
-        for task in [self._monitor, *self._revivals]:
+        for task in [self._monitor, *self._revivals.values()]:
             if task is not None:
                 task.cancel()
         # A load cannot be cancelled halfway (its thread runs on): let it finish and register.
@@ -661,9 +824,26 @@ class ModelManager:
             return
         model.failed = stats.error or "the engine stopped"
         log.error("the engine of %s stopped (%s); reloading it", model.id, model.failed)
+        self._revive_soon(model)
+
+    def _revive_soon(self, model: LoadedModel) -> None:
+        """Reload a failed model in the background, unless a reload of it already runs."""
+        if model.id in self._revivals or self._models.get(model.id) is not model:
+            return
         task = asyncio.create_task(self._revive(model))
-        self._revivals.add(task)
-        task.add_done_callback(self._revivals.discard)
+        self._revivals[model.id] = task
+        task.add_done_callback(lambda _: self._revivals.pop(model.id, None))
+
+    async def _await_revival(self, model: LoadedModel) -> None:
+        """Wait (bounded) while a failed model reloads; resolve then serves it or says 503."""
+        self._notice_death(model)
+        if model.failed is None:
+            return
+        self._revive_soon(model)  # a reload that failed before is tried again now
+        task = self._revivals.get(model.id)
+        if task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(task), REVIVE_WAIT_SECONDS)
 
     async def _revive(self, model: LoadedModel) -> None:
         try:
@@ -685,6 +865,11 @@ class ModelManager:
         async with self._lock:
             if self._models.get(model.id) is not model:
                 return  # swapped out or unloaded meanwhile: nothing to revive
+            # With the adapters it had when it died (the admin may have changed them).
+            specs = self._lora_specs(
+                model.id, [LoraRef(name=n, scaling=s) for n, s in model.loras.items()]
+            )
+            source = dataclasses.replace(source, loras=specs)
             engine, _ = await self._start_engine(source)
             revived = self._swap_in_one(engine, source, model)
             revived.template = model.template  # keep a template the admin switched to
@@ -713,15 +898,23 @@ class ModelManager:
 
     # ---- templates ----
 
-    def set_template(self, source: str | None, origin: str) -> None:
-        """Switch the chat template of every loaded model; None restores each model's own."""
-        for model in self._models.values():
-            info = model.engine.info
-            model.template = (
-                load_template(source, origin, info.bos_token, info.eos_token)
-                if source is not None
-                else model.gguf_template
-            )
+    def set_template(self, model: LoadedModel, source: str | None, origin: str) -> None:
+        """Switch the chat template of `model`; None restores its own."""
+        info = model.engine.info
+        model.template = (
+            load_template(source, origin, info.bos_token, info.eos_token)
+            if source is not None
+            else model.gguf_template
+        )
+
+    # ---- LoRA adapters ----
+
+    async def set_loras(self, model: LoadedModel, scales: Mapping[str, float]) -> None:
+        """Apply exactly these adapters (name -> scaling) to `model`; 4xx leaves the old ones."""
+        loras = [LoraRef(name=name, scaling=scale) for name, scale in scales.items()]
+        specs = [spec for _, spec in self._lora_specs(model.id, loras)]
+        await model.engine.set_adapters(specs)
+        model.loras = dict(scales)
 
     # ---- helpers ----
 
@@ -751,6 +944,37 @@ def _validated(model: type[BaseModel], values: Mapping[str, Any]) -> EngineSetti
         raise InvalidEngineSettingError(f"{param}: {error['msg']}", param=param) from None
     assert isinstance(settings, EngineSettings)
     return settings
+
+
+async def _apply_adapters(
+    engine: Engine, model_id: str, loras: tuple[tuple[str, AdapterSpec], ...]
+) -> None:
+    """Apply a model's configured adapters right after its engine started."""
+    if not loras:
+        return
+    if not engine.info.capabilities.adapters:
+        raise InvalidRequestError(
+            f"model `{model_id}`: its engine takes no LoRA adapters", param="loras"
+        )
+    await engine.set_adapters([spec for _, spec in loras])
+
+
+def _names_match(name: str, names: tuple[str, ...]) -> bool:
+    """True when `name` (or it without Ollama's `:latest`) is one of `names`."""
+    return name in names or bare_name(name) in names
+
+
+def _allowed(names: tuple[str, ...]) -> bool:
+    """True when the current request's key may use the model called `names`."""
+    allowed = leases.allowed_models()
+    return allowed is None or any(_names_match(entry, names) for entry in allowed)
+
+
+def _check_allowed(names: tuple[str, ...], requested: str | None) -> None:
+    """403 when the current request's key may not use the model called `names`."""
+    if not _allowed(names):
+        shown = requested if requested is not None and _names_match(requested, names) else names[0]
+        raise PermissionDeniedError(f"this key may not use model `{shown}`", param="model")
 
 
 def _in_use(model: LoadedModel) -> bool:

@@ -7,6 +7,9 @@ from pathlib import Path
 
 from llmserve.core.errors import InvalidRequestError, NotFoundError
 
+LORA_SUFFIXES = (".gguf",)
+PRESET_SUFFIXES = (".yml", ".yaml")
+
 
 @dataclass(frozen=True)
 class FileEntry:

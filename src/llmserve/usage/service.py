@@ -91,11 +91,13 @@ class UsageService:
 
     # ---- start and stop ----
 
-    def start(self) -> None:
-        """Create the anonymous principal and read the keys (blocking: at start-up)."""
+    def start(self, file_keys: Sequence[FileKey] = ()) -> None:
+        """Record the anonymous principal and the file's keys, read the keys (blocking)."""
         self.anonymous = self.worker.call_blocking(
             lambda conn: key_table.ensure_anonymous(conn, self._anonymous_limits)
         )
+        found = [(k.key, k.role, k.source) for k in file_keys]
+        self.worker.call_blocking(lambda conn: key_table.import_keys(conn, found))
         self._cache(self.worker.call_blocking(key_table.all_keys))
         self._maintenance = asyncio.get_running_loop().create_task(self._maintain())
 

@@ -84,10 +84,20 @@ class LoraSpec(BaseModel):
     scaling: float = 1.0
 
 
+MODEL_FIELD = "The loaded model it acts on (id or alias); empty: the default model."
+
+
+class ModelTarget(BaseModel):
+    """The body of an unload route: which loaded model (none: the default)."""
+
+    model: str | None = Field(default=None, min_length=1, description=MODEL_FIELD)
+
+
 class LoraLoadRequest(BaseModel):
     """POST /v1/lora/load."""
 
     loras: list[LoraSpec] = Field(min_length=1)
+    model: str | None = Field(default=None, min_length=1, description=MODEL_FIELD)
 
 
 class LoraCard(BaseModel):
@@ -100,9 +110,10 @@ class LoraCard(BaseModel):
 
 
 class LoraList(BaseModel):
-    """GET /v1/loras."""
+    """GET /v1/loras: the adapters of one model."""
 
     object: Literal["list"] = "list"
+    model: str = Field(description="The model whose adapters these are.")
     data: list[LoraCard]
 
 
@@ -125,12 +136,14 @@ class TemplateSwitchRequest(BaseModel):
     """POST /v1/template/switch."""
 
     name: str = Field(min_length=1)
+    model: str | None = Field(default=None, min_length=1, description=MODEL_FIELD)
 
 
 class TemplateList(BaseModel):
-    """GET /v1/templates."""
+    """GET /v1/templates: the templates of the folder and the one a model renders with."""
 
     object: Literal["list"] = "list"
+    model: str = Field(description="The model whose active template `active` is.")
     data: list[str]
     active: str
 

@@ -14,6 +14,7 @@ from llmserve.api.admin.protocol import (
     LoraLoadRequest,
     ModelCardDetails,
     ModelLoadRequest,
+    ModelTarget,
     ModelUnloadRequest,
     OverrideList,
     OverrideSwitchRequest,
@@ -63,8 +64,8 @@ def build_admin_router() -> APIRouter:
         return await admin.load_loras(body)
 
     @router.post("/v1/lora/unload")
-    async def unload_loras(admin: Admin) -> StatusResponse:
-        return await admin.unload_loras()
+    async def unload_loras(admin: Admin, body: ModelTarget | None = None) -> StatusResponse:
+        return await admin.unload_loras(body.model if body is not None else None)
 
     @router.post("/v1/sampling/override/switch")
     async def switch_overrides(body: OverrideSwitchRequest, admin: Admin) -> StatusResponse:
@@ -76,11 +77,11 @@ def build_admin_router() -> APIRouter:
 
     @router.post("/v1/template/switch")
     async def switch_template(body: TemplateSwitchRequest, admin: Admin) -> StatusResponse:
-        return admin.switch_template(body.name)
+        return admin.switch_template(body.name, body.model)
 
     @router.post("/v1/template/unload")
-    async def unload_template(admin: Admin) -> StatusResponse:
-        return admin.unload_template()
+    async def unload_template(admin: Admin, body: ModelTarget | None = None) -> StatusResponse:
+        return admin.unload_template(body.model if body is not None else None)
 
     return router
 
@@ -96,16 +97,16 @@ def build_info_router() -> APIRouter:
         return admin.model_card()
 
     @router.get("/v1/loras")
-    async def list_loras(admin: Admin, granted: Granted) -> LoraList:
-        return admin.list_loras(granted >= Permission.ADMIN)
+    async def list_loras(admin: Admin, granted: Granted, model: str | None = None) -> LoraList:
+        return admin.list_loras(granted >= Permission.ADMIN, model)
 
     @router.get("/v1/sampling/overrides")
     async def list_overrides(admin: Admin) -> OverrideList:
         return admin.list_overrides()
 
     @router.get("/v1/templates")
-    async def list_templates(admin: Admin) -> TemplateList:
-        return admin.list_templates()
+    async def list_templates(admin: Admin, model: str | None = None) -> TemplateList:
+        return admin.list_templates(model)
 
     @router.post("/v1/token/encode")
     async def encode(body: TokenEncodeRequest, admin: Admin) -> TokenEncodeResponse:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -38,20 +37,11 @@ from llmserve.api.overrides import OverrideValue, SamplingOverrides
 from llmserve.config import Settings
 from llmserve.core.errors import InvalidRequestError, LLMServeError
 from llmserve.core.templates import read_template_file
-from llmserve.engines.base import AdapterSpec
 from llmserve.models.manager import LoadedModel, ModelManager, ProgressCallback
-from llmserve.models.registry import list_files, resolve_file
+from llmserve.models.registry import LORA_SUFFIXES, PRESET_SUFFIXES, list_files, resolve_file
 
 TEMPLATE_SUFFIXES = (".jinja", ".j2", ".txt")
-PRESET_SUFFIXES = (".yml", ".yaml")
 LOAD_STAGES = ("validating", "loading", "ready")
-
-
-@dataclass
-class ActiveLoras:
-    """The adapters applied now, by name, with their scale."""
-
-    scales: dict[str, float] = field(default_factory=dict)
 
 
 class AdminServing:
@@ -61,7 +51,16 @@ class AdminServing:
         self.settings = settings
         self.models = models
         self.overrides = overrides
-        self.loras = ActiveLoras()
+        # Models' own presets (config.yml): the manager checks them with this layer's rules
+        # when a model loads, and requests find theirs through it.
+        models.check_presets_with(self._register_model_preset)
+        overrides.preset_of = models.preset_for
+
+    def _register_model_preset(self, name: str, path: Path) -> None:
+        """Validate a configured model's preset file and keep its values for its requests."""
+        probe = SamplingOverrides()
+        probe.set(name, _read_preset(name, path))
+        self.overrides.model_presets[name] = probe.values
 
     # ---- models ----
 
@@ -94,7 +93,6 @@ class AdminServing:
     async def load_model(self, body: ModelLoadRequest) -> StatusResponse:
         """Load and swap in a model; the previous one serves until the new one is ready."""
         await self._load(body)
-        self.loras.scales.clear()
         return StatusResponse(status="loaded", detail=body.model_name)
 
     async def load_model_stream(self, body: ModelLoadRequest) -> AsyncIterator[str]:
@@ -123,40 +121,35 @@ class AdminServing:
     async def unload_model(self, name: str | None = None) -> StatusResponse:
         """Stop serving `name`, or every loaded model."""
         unloaded = await self.models.unload(name)
-        self.loras.scales.clear()
         return StatusResponse(status="unloaded", detail=", ".join(unloaded) or None)
 
     # ---- LoRA ----
 
-    def list_loras(self, admin: bool) -> LoraList:
-        """Active adapters; with the admin key, every adapter in the folder."""
-        names = [e.name for e in list_files(self.settings.loras_dir, (".gguf",))] if admin else []
-        names += [n for n in self.loras.scales if n not in names]
+    def list_loras(self, admin: bool, model_name: str | None = None) -> LoraList:
+        """A model's active adapters; with the admin key, every adapter in the folder too."""
+        model = self.models.target(model_name)
+        active = model.loras
+        names = (
+            [e.name for e in list_files(self.settings.loras_dir, LORA_SUFFIXES)] if admin else []
+        )
+        names += [n for n in active if n not in names]
         return LoraList(
-            data=[
-                LoraCard(id=n, scaling=self.loras.scales.get(n), active=n in self.loras.scales)
-                for n in names
-            ]
+            model=model.id,
+            data=[LoraCard(id=n, scaling=active.get(n), active=n in active) for n in names],
         )
 
     async def load_loras(self, body: LoraLoadRequest) -> StatusResponse:
-        """Apply these adapters (added to the active ones, same name replaces)."""
-        scales = {**self.loras.scales, **{lora.name: lora.scaling for lora in body.loras}}
-        await self._apply_loras(scales)
+        """Apply these adapters to a model (added to its active ones, same name replaces)."""
+        model = self.models.target(body.model)
+        scales = {**model.loras, **{lora.name: lora.scaling for lora in body.loras}}
+        await self.models.set_loras(model, scales)
         return StatusResponse(status="loaded", detail=", ".join(sorted(scales)))
 
-    async def unload_loras(self) -> StatusResponse:
-        """Remove every adapter."""
-        await self._apply_loras({})
+    async def unload_loras(self, model_name: str | None = None) -> StatusResponse:
+        """Remove every adapter of a model."""
+        model = self.models.target(model_name)
+        await self.models.set_loras(model, {})
         return StatusResponse(status="unloaded")
-
-    async def _apply_loras(self, scales: dict[str, float]) -> None:
-        specs = [
-            AdapterSpec(str(resolve_file(self.settings.loras_dir, name, (".gguf",), "LoRA")), scale)
-            for name, scale in scales.items()
-        ]
-        await self.models.resolve(None).engine.set_adapters(specs)
-        self.loras.scales = dict(scales)
 
     # ---- sampling presets ----
 
@@ -187,20 +180,23 @@ class AdminServing:
 
     # ---- chat templates ----
 
-    def list_templates(self) -> TemplateList:
-        """Templates in the folder and the one in force."""
+    def list_templates(self, model_name: str | None = None) -> TemplateList:
+        """Templates in the folder and the one a model renders with."""
+        model = self.models.target(model_name)
         names = [e.name for e in list_files(self.settings.templates_dir, TEMPLATE_SUFFIXES)]
-        return TemplateList(data=names, active=self.models.resolve(None).template.origin)
+        return TemplateList(model=model.id, data=names, active=model.template.origin)
 
-    def switch_template(self, name: str) -> StatusResponse:
-        """Render chats with a template from the folder."""
+    def switch_template(self, name: str, model_name: str | None = None) -> StatusResponse:
+        """Render a model's chats with a template from the folder."""
+        model = self.models.target(model_name)
         path = resolve_file(self.settings.templates_dir, name, TEMPLATE_SUFFIXES, "template")
-        self.models.set_template(read_template_file(path), f"file:{path.name}")
+        self.models.set_template(model, read_template_file(path), f"file:{path.name}")
         return StatusResponse(status="switched", detail=name)
 
-    def unload_template(self) -> StatusResponse:
-        """Back to each model's own template."""
-        self.models.set_template(None, "gguf")
+    def unload_template(self, model_name: str | None = None) -> StatusResponse:
+        """Back to a model's own template."""
+        model = self.models.target(model_name)
+        self.models.set_template(model, None, "gguf")
         return StatusResponse(status="unloaded")
 
     # ---- tokens ----

@@ -23,7 +23,7 @@ from llmserve.api.kobold.protocol import (
     TokenCountResponse,
 )
 from llmserve.api.kobold.serving import KoboldServing
-from llmserve.auth import Permission, key_permission, presented_keys, require_api
+from llmserve.auth import Permission, key_permission, metered, presented_keys
 
 
 def _serving(request: Request) -> KoboldServing:
@@ -45,7 +45,7 @@ CallerKey = Annotated[str | None, Depends(_caller_key)]
 def build_router(require_key: bool) -> APIRouter:
     """The Kobold routes; with `require_key` all but the version probes need an API key."""
     guarded = APIRouter(
-        route_class=LenientJSONRoute, dependencies=[Depends(require_api)] if require_key else []
+        route_class=LenientJSONRoute, dependencies=[Depends(metered(open_route=not require_key))]
     )
     _add_generation_routes(guarded)
     _add_info_routes(guarded)

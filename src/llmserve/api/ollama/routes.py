@@ -28,7 +28,7 @@ from llmserve.api.ollama.protocol import (
     VersionResponse,
 )
 from llmserve.api.ollama.serving import OllamaServing, one_line, unsupported
-from llmserve.auth import Permission, request_permission, require_api
+from llmserve.auth import Permission, metered, request_permission
 
 NDJSON = "application/x-ndjson"
 
@@ -113,7 +113,7 @@ def build_router(require_key: bool) -> APIRouter:
     router = APIRouter(
         route_class=OllamaJSONRoute,
         tags=["ollama"],
-        dependencies=[Depends(require_api)] if require_key else [],
+        dependencies=[Depends(metered(open_route=not require_key))],
     )
     _add_model_routes(router)
     _add_generation_routes(router)

@@ -345,7 +345,7 @@ class OllamaServing:
 
     def tags(self) -> TagsResponse:
         """GET /api/tags: every name of every loaded model (or the unloaded, reloadable ones)."""
-        listed = [entry for model in self.models.loaded() for entry in entries(model)]
+        listed = [entry for model in self.models.visible() for entry in entries(model)]
         return TagsResponse(models=listed or list(self._unloaded or ()))
 
     def ps(self) -> PsResponse:
@@ -362,7 +362,7 @@ class OllamaServing:
                     size_vram=0,
                     context_length=model.engine.info.context_length,
                 )
-                for model in self.models.loaded()
+                for model in self.models.visible()
             ]
         )
 
