@@ -1,7 +1,8 @@
 """Screenshots of the web UI for the README: `python docs/screenshots.py [--out docs]`.
 
 Starts llmserve on the bundled default model (keys on, a temporary home, 127.0.0.1 only),
-drives Debian's Chromium through Playwright, and saves ui-playground.png and ui-admin.png.
+drives Debian's Chromium through Playwright, and saves ui-playground.png, ui-admin.png and
+ui-keys.png.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ def settings_in(home: Path) -> Settings:
         model=str(models / "smollm2-135m.gguf"),
         models_dir=models,
         api_tokens_file=tokens,
+        data_dir=home,  # the usage database too stays in the temporary home
         ctx_size=2048,
         parallel=4,
     )
@@ -105,6 +107,26 @@ def shoot(page: Page, url: str, out: Path) -> None:
     page.wait_for_timeout(12_000)
     page.screenshot(path=str(out / "ui-admin.png"), full_page=True)
     traffic.join()
+    shoot_keys(page, out)
+
+
+def shoot_keys(page: Page, out: Path) -> None:
+    """Create a key in the Keys tab (shown once) and screenshot the tab with the usage so far."""
+    page.click("#tab-keys")
+    page.fill("#new-name", "alice-laptop")
+    page.fill("#new-owner", "alice@example.org")
+    page.fill("#new-expires-in", "720h")
+    page.fill("#new-rpm", "60")
+    page.fill("#new-quota-tokens", "100000")
+    page.click("#new-create")
+    expect(page.locator("#new-key")).to_be_visible()
+    page.uncheck("#group-day")
+    for _ in range(100):  # usage records are written off the request's path
+        page.click("#usage-refresh")
+        page.wait_for_timeout(200)
+        if page.locator("#usage-table tbody tr").count():
+            break
+    page.screenshot(path=str(out / "ui-keys.png"), full_page=True)
 
 
 def chat_traffic(url: str, requests: int = 2) -> None:
@@ -148,7 +170,7 @@ def main() -> int:
                 shoot(browser.new_page(), url, args.out)
             finally:
                 browser.close()
-    print(f"saved {args.out / 'ui-playground.png'} and {args.out / 'ui-admin.png'}")
+    print(f"saved ui-playground.png, ui-admin.png and ui-keys.png in {args.out}")
     return 0
 
 

@@ -128,6 +128,7 @@ def create_admin_app(main: FastAPI) -> FastAPI:
     admin.add_middleware(LeaseScope)
     admin.include_router(admin_routes.build_admin_router())
     admin.include_router(usage_routes.build_keys_router())
+    admin.include_router(usage_routes.build_usage_router())
     # The admin console lives here then, with the read-only routes it shows.
     admin.include_router(ops.build_router())
     admin.include_router(admin_routes.build_info_router())

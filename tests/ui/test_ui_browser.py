@@ -169,7 +169,7 @@ def test_the_screenshot_script_makes_both_pictures(tmp_path: Path) -> None:
         cwd=ROOT,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    for name in ("ui-playground.png", "ui-admin.png"):
+    for name in ("ui-playground.png", "ui-admin.png", "ui-keys.png"):
         picture = (tmp_path / name).read_bytes()
         assert picture.startswith(b"\x89PNG\r\n\x1a\n") and len(picture) > 10_000, name
 

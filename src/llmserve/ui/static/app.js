@@ -1,13 +1,15 @@
 // Entry point: asks for the key, learns what it may do (GET /v1/auth/permission), shows the
-// playground and, for the admin key, the admin console.
+// playground and, for the admin key, the admin console and its keys & usage tab.
 
 import { ApiError, getJSON, getKey, setKey } from "./api.js";
 import { Console } from "./console.js";
+import { KeysTab } from "./keys.js";
 import { Playground } from "./playground.js";
 
 const $ = (id) => document.getElementById(id);
 
-const ui = { config: null, permission: null, playground: null, console: null };
+const ui = { config: null, permission: null, playground: null, console: null, keys: null };
+const VIEWS = ["chat", "admin", "keys"];
 
 function keyStatus(text, kind = "") {
   $("key-status").textContent = text;
@@ -35,8 +37,8 @@ function showTab(name) {
   const wanted = tabs.find((a) => a.dataset.tab === name) || tabs[0];
   if (!wanted) return;
   for (const a of tabs) a.classList.toggle("active", a === wanted);
-  $("chat").hidden = wanted.dataset.tab !== "chat";
-  $("admin").hidden = wanted.dataset.tab !== "admin";
+  for (const view of VIEWS) $(view).hidden = wanted.dataset.tab !== view;
+  if (ui.keys && wanted.dataset.tab === "keys") ui.keys.start();
   if (ui.console) {
     if (wanted.dataset.tab === "admin") ui.console.start();
     else ui.console.stopPolling();
@@ -46,17 +48,28 @@ function showTab(name) {
 async function start() {
   const permission = await checkKey();
   ui.permission = permission;
+  if (permission !== "admin") ui.keys?.forgetNewKey(); // a new key never outlives the admin key
   $("tabs").hidden = !permission;
   if (!permission) {
-    $("chat").hidden = $("admin").hidden = true;
+    for (const view of VIEWS) $(view).hidden = true;
     ui.console?.stopPolling();
     return;
   }
   const admin = permission === "admin" && ui.config.console;
   $("tab-chat").hidden = !ui.config.playground;
   $("tab-admin").hidden = !admin;
+  $("tab-keys").hidden = !admin;
   const who = ui.config.auth ? `${permission} key accepted` : "keys are disabled on this server";
   keyStatus(`Connected: ${who}.${admin ? " The admin console is available." : ""}`, "good");
+  // Before the playground's awaits: a tab clicked meanwhile finds its view ready.
+  if (admin && !ui.console) {
+    ui.console = new Console();
+    ui.console.init();
+  }
+  if (admin && !ui.keys) {
+    ui.keys = new KeysTab();
+    ui.keys.init();
+  }
   if (ui.config.playground) {
     ui.playground ||= new Playground();
     if (!ui.playground.started) {
@@ -64,10 +77,6 @@ async function start() {
       await ui.playground.init();
     }
     await ui.playground.loadModels().catch((error) => keyStatus(error.message, "bad"));
-  }
-  if (admin && !ui.console) {
-    ui.console = new Console();
-    ui.console.init();
   }
   showTab(location.hash.slice(1));
 }

@@ -2,24 +2,11 @@
 // from /metrics and the recent requests ring.
 
 import { call, getJSON, parsePrometheus, postJSON, sseData, total } from "./api.js";
+import { button, el } from "./dom.js";
 
 const $ = (id) => document.getElementById(id);
 const POLL_MS = 1000;
 const HISTORY = 60; // points per chart
-
-function el(tag, cls, text) {
-  const node = document.createElement(tag);
-  if (cls) node.className = cls;
-  if (text !== undefined) node.textContent = text;
-  return node;
-}
-
-function button(text, onClick) {
-  const b = el("button", null, text);
-  b.type = "button";
-  b.addEventListener("click", onClick);
-  return b;
-}
 
 // name, how to read it from two scrapes `dt` seconds apart, unit
 const CHARTS = [
