@@ -13,7 +13,6 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
 from llmserve.app import create_app
 from llmserve.config import Settings
@@ -22,12 +21,11 @@ from llmserve.models.defaults import default_model_path
 from llmserve.models.manager import ModelManager
 from tests.conftest import TEST_SETTINGS
 from tests.dialects.conftest import AUTH
+from tests.peers.llamacpp_shim.fim import FIM, write_fim_copy
 from tests.server import RunningServer, serve
 
 PROMPT = "The three primary colors are"
 GREEDY = {"temperature": 0, "seed": 1}
-# Token ids given the FIM roles in the test's copy of the model (any distinct special tokens).
-FIM = {"fim_pre": 7, "fim_suf": 8, "fim_mid": 9}
 BUILTINS = {"chatml", "llama3", "llama2", "mistral", "gemma", "phi3", "qwen2"}
 
 
@@ -238,7 +236,11 @@ def test_stream_disconnect_frees_the_slot(dialect_server: RunningServer) -> None
         ({"prompt": PROMPT, "temperature": -1}, "temperature"),
         ({"prompt": PROMPT, "repeat_penalty": 0}, "repeat_penalty"),
         ({"prompt": [1, 10**9]}, "prompt"),
-        ({"prompt": [[1, 2], [3]]}, "prompt"),
+        ({"prompt": [[1, 2], 3]}, "prompt"),
+        ({"prompt": []}, "prompt"),
+        ({"prompt": [PROMPT, ""]}, "prompt"),
+        ({"prompt": {"prompt_string": PROMPT, "multimodal_data": ["aGk="]}}, "prompt"),
+        ({"prompt": {"multimodal_data": ["aGk="]}}, "prompt"),
         ({"prompt": PROMPT, "logit_bias": [[10**9, 1.0]]}, "logit_bias"),
         ({"prompt": PROMPT, "logit_bias": [[5, True]]}, "logit_bias"),
         ({"prompt": PROMPT, "logit_bias": "bad"}, "logit_bias"),
@@ -269,6 +271,104 @@ def test_openai_completions_path_still_openai(dialect_server: RunningServer) -> 
     response = post(dialect_server, "/completions", {"prompt": PROMPT, "max_tokens": 2})
     assert response.status_code == 200
     assert response.json()["object"] == "text_completion"
+
+
+def test_prompt_object_is_its_prompt_string(dialect_server: RunningServer) -> None:
+    by_text = completion(dialect_server, n_predict=5, ignore_eos=True)
+    by_object = completion(dialect_server, prompt={"prompt_string": PROMPT}, n_predict=5)
+    assert by_object["content"] == by_text["content"]
+    assert by_object["tokens_evaluated"] == by_text["tokens_evaluated"]
+
+
+def test_several_prompts_give_one_result_each(dialect_server: RunningServer) -> None:
+    ids = tokenize(dialect_server, PROMPT)
+    other = "A list of fruits:"
+    prompts = [ids, {"prompt_string": PROMPT}, other]
+    results = completion(dialect_server, prompt=prompts, n_predict=5, ignore_eos=True)
+    assert isinstance(results, list) and [r["index"] for r in results] == [0, 1, 2]
+    alone = completion(dialect_server, prompt=other, n_predict=5, ignore_eos=True)
+    assert results[0]["content"] == results[1]["content"]
+    assert results[2]["content"] == alone["content"]
+    assert results[2]["tokens_evaluated"] == len(tokenize(dialect_server, other))
+    assert all(r["tokens_predicted"] == 5 for r in results)
+    # Texts alone are several prompts too; token ids mixed with text make one.
+    texts = completion(dialect_server, prompt=[PROMPT, other], n_predict=2, ignore_eos=True)
+    assert [r["index"] for r in texts] == [0, 1]
+    mixed = completion(dialect_server, prompt=[*ids, other], n_predict=2)
+    assert isinstance(mixed, dict) and mixed["index"] == 0
+
+
+def test_several_prompts_stream_by_index(dialect_server: RunningServer) -> None:
+    body = {"prompt": [PROMPT, "A list of fruits:"], **GREEDY, "n_predict": 4, "stream": True}
+    _, events = stream_events(dialect_server, {**body, "ignore_eos": True})
+    for index in (0, 1):
+        mine = [e for e in events if e["index"] == index]
+        *parts, final = mine
+        assert len(parts) == 4 and all(e["stop"] is False for e in parts)
+        assert final["stop"] is True and final["timings"]["predicted_n"] == 4
+        whole = completion(
+            dialect_server, prompt=body["prompt"][index], n_predict=4, ignore_eos=True
+        )
+        assert "".join(e["content"] for e in parts) == whole["content"]
+
+
+def test_post_sampling_probs(dialect_server: RunningServer) -> None:
+    body = {"n_predict": 4, "n_probs": 5, "post_sampling_probs": True, "ignore_eos": True}
+    result = completion(dialect_server, **body, temperature=1.0, top_k=40, seed=3)
+    probs = result["completion_probabilities"]
+    assert len(probs) == 4
+    assert result["generation_settings"]["post_sampling_probs"] is True
+    for entry in probs:
+        assert set(entry) == {"id", "token", "bytes", "prob", "top_probs"}
+        assert 0.0 < entry["prob"] <= 1.0
+        tops = entry["top_probs"]
+        assert 1 <= len(tops) <= 5
+        assert all(0.0 < t["prob"] <= 1.0 for t in tops)
+        assert [t["prob"] for t in tops] == sorted((t["prob"] for t in tops), reverse=True)
+        if len(tops) < 5:  # every kept candidate is listed: they share all the probability
+            assert sum(t["prob"] for t in tops) == pytest.approx(1.0)
+    assert "".join(entry["token"] for entry in probs) == result["content"]
+    greedy = completion(dialect_server, **body)["completion_probabilities"]
+    assert all(e["prob"] == 1.0 and len(e["top_probs"]) == 1 for e in greedy)
+    assert all(e["top_probs"][0]["id"] == e["id"] for e in greedy)
+
+
+def test_response_fields_select_and_flatten(dialect_server: RunningServer) -> None:
+    fields = ["content", "generation_settings/n_predict", "prompt", "no/such"]
+    result = completion(dialect_server, n_predict=3, response_fields=fields)
+    assert set(result) == {"content", "generation_settings/n_predict", "prompt"}
+    assert result["generation_settings/n_predict"] == 3
+    assert result["prompt"] == PROMPT
+    _, events = stream_events(
+        dialect_server,
+        {"prompt": PROMPT, **GREEDY, "n_predict": 3, "stream": True, "response_fields": fields},
+    )
+    assert set(events[-1]) == {"content", "generation_settings/n_predict", "prompt"}
+
+
+def test_timings_per_token_in_stream(dialect_server: RunningServer) -> None:
+    body = {"prompt": PROMPT, **GREEDY, "n_predict": 4, "stream": True, "ignore_eos": True}
+    _, plain = stream_events(dialect_server, body)
+    assert all("timings" not in e for e in plain[:-1])
+    _, timed = stream_events(dialect_server, {**body, "timings_per_token": True})
+    parts = timed[:-1]
+    assert [e["timings"]["predicted_n"] for e in parts] == [1, 2, 3, 4]
+    assert all(e["timings"]["prompt_n"] + e["timings"]["cache_n"] > 0 for e in parts)
+
+
+def test_n_predict_past_the_context_is_clipped(dialect_server: RunningServer) -> None:
+    ctx = dialect_server.app.state.settings.ctx_size
+    prompt = tokenize(dialect_server, " the") * (ctx - 6)
+    result = completion(dialect_server, prompt=prompt, n_predict=100, ignore_eos=True)
+    assert result["tokens_evaluated"] == ctx - 6
+    assert result["tokens_predicted"] == 6
+    assert result["stop_type"] == "limit"
+    assert result["generation_settings"]["n_predict"] == 6
+
+
+def test_generation_settings_report_unused_adaptive_p(dialect_server: RunningServer) -> None:
+    settings = completion(dialect_server, n_predict=1)["generation_settings"]
+    assert (settings["adaptive_target"], settings["adaptive_decay"]) == (-1.0, 0.9)
 
 
 # ---- /tokenize, /detokenize ----
@@ -395,31 +495,6 @@ def test_infill_without_fim_tokens_names_them(dialect_server: RunningServer) -> 
     assert error["code"] == "infill_not_supported"
     for name in ("prefix", "suffix", "middle"):
         assert name in error["message"]
-
-
-def write_fim_copy(source: Path, target: Path, tokens: dict[str, int]) -> None:
-    """A copy of a GGUF model with FIM token ids set in its tokenizer metadata."""
-    reader = GGUFReader(source)
-    arch = str(reader.fields["general.architecture"].contents())
-    writer = GGUFWriter(target, arch)  # writes general.architecture itself
-    for field in reader.fields.values():
-        if field.name.startswith("GGUF.") or field.name == "general.architecture":
-            continue
-        kind = field.types[0]
-        sub = field.types[-1] if kind is GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, field.contents(), kind, sub)
-    for role, token in tokens.items():
-        writer.add_uint32(f"tokenizer.ggml.{role}_token_id", token)
-    for tensor in reader.tensors:
-        writer.add_tensor_info(
-            tensor.name, tensor.data.shape, tensor.data.dtype, tensor.n_bytes, tensor.tensor_type
-        )
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    for tensor in reader.tensors:
-        writer.write_tensor_data(tensor.data)
-    writer.close()
 
 
 @pytest.fixture(scope="module")

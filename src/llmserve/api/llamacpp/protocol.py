@@ -27,6 +27,21 @@ UNLIMITED = -1  # n_predict on the wire: "until EOS or the context is full"
 StopType = Literal["none", "eos", "limit", "word"]
 PromptPart = str | Annotated[int, Field(ge=0)]
 Prompt = str | list[PromptPart]
+
+
+class PromptObject(BaseModel):
+    """llama-server's prompt object: text, and the media its `<__media__>` markers stand for."""
+
+    model_config = ConfigDict(extra="allow")
+
+    prompt_string: str
+    multimodal_data: list[str] | str | None = None
+
+
+# One prompt: text, token ids (text may sit between them), or a prompt object.
+OnePrompt = str | PromptObject | list[PromptPart]
+# /completion's `prompt`: one prompt, or several (each its own result, by `index`).
+CompletionPrompt = OnePrompt | list[str | PromptObject | list[PromptPart] | PromptPart]
 LogitBiasKey = str | int
 LogitBiasValue = float | bool
 
@@ -44,7 +59,10 @@ class CompletionRequest(SamplerFields):
     DEFAULT_PENALTY_RANGE: ClassVar[int] = 64  # llama-server's repeat_last_n
 
     model: str | None = None
-    prompt: Prompt = Field(description="A string, token ids, or a mix of both.")
+    prompt: CompletionPrompt = Field(
+        description="A string, token ids or a mix, a `{prompt_string}` object, or a list of "
+        "those (several prompts: one result each)."
+    )
     n_predict: int | None = Field(
         None, ge=-2, description="Tokens to generate; -1 (or -2): until EOS or the context is full."
     )
@@ -52,6 +70,13 @@ class CompletionRequest(SamplerFields):
     cache_prompt: bool = Field(True, description="Accepted: the engine always reuses prefixes.")
     return_tokens: bool = False
     n_probs: int | None = Field(None, ge=0)
+    post_sampling_probs: bool = Field(
+        False, description="`completion_probabilities` as probabilities after the samplers."
+    )
+    response_fields: list[str] | None = Field(
+        None, description="Only these fields of the result (`a/b` names a nested one)."
+    )
+    timings_per_token: bool = Field(False, description="`timings` on every streamed event.")
     grammar: str | None = None
     json_schema: dict[str, Any] | None = None
     id_slot: int | None = Field(None, description="Accepted; the scheduler picks the slot.")
@@ -91,6 +116,17 @@ class CompletionRequest(SamplerFields):
             self.dry_range = None  # -1: the whole context, which the base spells None
         return self
 
+    def prompts(self) -> list[OnePrompt]:
+        """The prompts, by llama-server's rule: a list is several unless it holds token ids
+        (alone, or mixed with text), which make one prompt."""
+        prompt = self.prompt
+        if not isinstance(prompt, list):
+            return [prompt]
+        ids = any(isinstance(p, int) for p in prompt)
+        if ids and all(isinstance(p, int | str) for p in prompt):
+            return [prompt]  # type: ignore[list-item]  # ids and text: checked above
+        return [_one_prompt(p) for p in prompt]
+
     def generates_nothing(self) -> bool:
         """`n_predict: 0`: evaluate the prompt, produce no token (llama-server allows it)."""
         return self.n_predict == 0
@@ -104,6 +140,16 @@ class CompletionRequest(SamplerFields):
         if self.json_schema is not None:
             return constraints.JsonSchema.of(self.json_schema, "json_schema")
         return constraints.Grammar.of(self.grammar, "grammar")
+
+
+def _one_prompt(part: Any) -> OnePrompt:
+    if isinstance(part, int):
+        raise InvalidRequestError(
+            "a list of prompts holds texts, token lists or prompt objects, not a bare token id",
+            param="prompt",
+        )
+    one: OnePrompt = part
+    return one
 
 
 def _bias_pairs(pairs: list[Any]) -> Any:
@@ -179,6 +225,10 @@ class GenerationSettings(BaseModel):
     n_probs: int
     logit_bias: list[tuple[int, float]]
     grammar: str = ""
+    post_sampling_probs: bool = False
+    # llama.cpp's adaptive-p sampler, which llmserve does not run: its "off" values.
+    adaptive_target: float = -1.0
+    adaptive_decay: float = 0.9
 
 
 class TopProb(BaseModel):
@@ -196,6 +246,24 @@ class TokenProb(TopProb):
     top_logprobs: list[TopProb]
 
 
+class TopPostProb(BaseModel):
+    """One candidate the samplers kept at a position, with its probability among them."""
+
+    id: int
+    token: str
+    bytes: list[int]
+    prob: float
+
+
+class TokenPostProb(TopPostProb):
+    """`post_sampling_probs`: the sampled token and the candidates the samplers kept."""
+
+    top_probs: list[TopPostProb]
+
+
+Probabilities = list[TokenProb] | list[TokenPostProb]
+
+
 class CompletionChunk(BaseModel):
     """One streamed part of a completion (`stop: false`)."""
 
@@ -205,7 +273,8 @@ class CompletionChunk(BaseModel):
     stop: Literal[False] = False
     tokens_predicted: int
     tokens_evaluated: int
-    completion_probabilities: list[TokenProb] | None = None
+    completion_probabilities: Probabilities | None = None
+    timings: Timings | None = None  # with `timings_per_token`
 
 
 class CompletionResponse(BaseModel):
@@ -226,7 +295,7 @@ class CompletionResponse(BaseModel):
     stopping_word: str
     tokens_cached: int
     timings: Timings
-    completion_probabilities: list[TokenProb] | None = None
+    completion_probabilities: Probabilities | None = None
 
 
 class DefaultGenerationSettings(BaseModel):

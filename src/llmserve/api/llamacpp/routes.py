@@ -19,7 +19,7 @@ from llmserve.api.llamacpp.protocol import (
     PropsResponse,
     Slot,
 )
-from llmserve.api.llamacpp.serving import LlamaCppServing, event_json
+from llmserve.api.llamacpp.serving import Completed, LlamaCppServing
 from llmserve.auth import require_admin
 
 # The paths this dialect answers (the app's dialect table names it for metrics and logs).
@@ -31,10 +31,10 @@ def _serving(request: Request) -> LlamaCppServing:
     return serving
 
 
-def _respond(result: CompletionResponse | AsyncIterator[str]) -> Response:
-    """A whole completion as JSON (in llama-server's key set), or its SSE events."""
-    if isinstance(result, CompletionResponse):
-        return Response(event_json(result), media_type="application/json")
+def _respond(result: Completed | AsyncIterator[str]) -> Response:
+    """Whole completions as JSON (in llama-server's key set), or their SSE events."""
+    if isinstance(result, Completed):
+        return Response(result.json(), media_type="application/json")
     return sse_response(result)
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from llmserve import __version__
 from llmserve.api.common import (
@@ -30,22 +31,34 @@ from llmserve.api.llamacpp.protocol import (
     EmbeddingResult,
     GenerationSettings,
     InfillRequest,
-    Prompt,
+    OnePrompt,
+    Probabilities,
+    PromptObject,
     PropsResponse,
     Slot,
     SlotNextToken,
     StopType,
     Timings,
+    TokenPostProb,
     TokenProb,
+    TopPostProb,
     TopProb,
 )
 from llmserve.api.overrides import SamplingOverrides
 from llmserve.api.sampling import dialect_params
+from llmserve.core import limits
 from llmserve.core import tools as toolcalls
 from llmserve.core.continuation import render_continuation
 from llmserve.core.errors import InvalidRequestError, LLMServeError
 from llmserve.core.params import DrySettings, SamplingParams
-from llmserve.core.request import Delta, FinishReason, GenerationRequest, TokenLogprob, Usage
+from llmserve.core.request import (
+    Delta,
+    FinishReason,
+    GenerationRequest,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
 from llmserve.core.streams import IndexedDelta, open_streams
 from llmserve.engines.base import ModelInfo
 from llmserve.models.manager import LoadedModel, ModelManager
@@ -80,39 +93,45 @@ class LlamaCppServing:
 
     # ---- generation ----
 
-    async def completion(self, body: CompletionRequest) -> CompletionResponse | AsyncIterator[str]:
-        """POST /completion: a response, or an iterator of SSE data lines when streaming."""
+    async def completion(self, body: CompletionRequest) -> Completed | AsyncIterator[str]:
+        """POST /completion: the result(s), or an iterator of SSE data lines when streaming."""
         body.log_unknown_fields("completion")
         body = with_server_defaults(self.overrides.apply(body))
         model = await self.models.acquire(body.model)
-        prompt_ids = await asyncio.to_thread(_prompt_ids, model, body.prompt, "prompt")
-        if not prompt_ids:
+        prompts = body.prompts()
+        ids = await asyncio.to_thread(lambda: [_prompt_ids(model, p, "prompt") for p in prompts])
+        if not ids or not all(ids):
             raise InvalidRequestError("prompt must not be empty", param="prompt")
-        return await self._generate(model, body, prompt_ids)
+        return await self._generate(model, body, ids)
 
-    async def infill(self, body: InfillRequest) -> CompletionResponse | AsyncIterator[str]:
+    async def infill(self, body: InfillRequest) -> Completed | AsyncIterator[str]:
         """POST /infill: fill in the middle between `input_prefix` and `input_suffix`."""
         body.log_unknown_fields("infill")
         body = with_server_defaults(self.overrides.apply(body))
         model = await self.models.acquire(body.model)
         fim = fim_tokens(model.engine.info)
         prompt_ids = await asyncio.to_thread(_infill_ids, model, body, fim)
-        return await self._generate(model, body, prompt_ids)
+        return await self._generate(model, body, [prompt_ids])
 
     async def _generate(
-        self, model: LoadedModel, body: CompletionRequest, prompt_ids: list[int]
-    ) -> CompletionResponse | AsyncIterator[str]:
+        self, model: LoadedModel, body: CompletionRequest, prompts: list[list[int]]
+    ) -> Completed | AsyncIterator[str]:
         started = time.monotonic()
         params = await asyncio.to_thread(_sampling_params, model, body)
-        writer = CompletionWriter(model, body, prompt_ids, params, started)
+        ctx = model.engine.info.context_length
+        writers = [
+            CompletionWriter(model, body, ids, fit_context(params, len(ids), ctx), started, i)
+            for i, ids in enumerate(prompts)
+        ]
         if body.generates_nothing():
-            return writer.empty_stream() if body.stream else writer.empty()
-        request = GenerationRequest(new_id("cmpl"), prompt_ids, params)
+            empty = Completed([w.empty() for w in writers], body.response_fields)
+            return empty.stream() if body.stream else empty
+        requests = [GenerationRequest(new_id("cmpl"), w.prompt_ids, w.params) for w in writers]
         with dialect_params(LLAMA_PARAMS):
-            deltas = await open_streams([model.engine.generate(request)])
+            deltas = await open_streams([model.engine.generate(r) for r in requests])
         if body.stream:
-            return writer.stream(deltas)
-        return await writer.collect(deltas)
+            return stream_events(writers, deltas)
+        return await collect(writers, deltas)
 
     # ---- server and model info ----
 
@@ -179,9 +198,17 @@ class LlamaCppServing:
 
 
 def _prompt_ids(
-    model: LoadedModel, prompt: Prompt, param: str, add_special: bool = True
+    model: LoadedModel, prompt: OnePrompt, param: str, add_special: bool = True
 ) -> list[int]:
     """A string, token ids or a mix as token ids; special tokens only before the first text."""
+    if isinstance(prompt, PromptObject):
+        if prompt.multimodal_data:
+            raise InvalidRequestError(
+                f"model {model.id!r} takes text only: `multimodal_data` cannot be used",
+                param=param,
+                code="unsupported_modality",
+            )
+        prompt = prompt.prompt_string
     parts = [prompt] if isinstance(prompt, str) else prompt
     ids: list[int] = []
     for part in parts:
@@ -295,7 +322,10 @@ def _sampling_params(model: LoadedModel, body: CompletionRequest) -> SamplingPar
     with dialect_params(LLAMA_PARAMS):
         params = plain.sampling_params(
             n=1,
-            logprobs=body.n_probs or None,
+            # Post-sampling probabilities are rebuilt from as many raw candidates as allowed.
+            logprobs=limits.MAX_LOGPROBS
+            if body.post_sampling_probs and body.n_probs
+            else body.n_probs or None,
             banned_ids=[*(body.banned_tokens or ()), *banned],
         )
         return replace(params, logit_bias=biases, constraint=body.output_constraint())
@@ -360,9 +390,10 @@ def generation_settings(
         max_tokens=limit,
         ignore_eos=params.ignore_eos,
         stream=body.stream,
-        n_probs=params.logprobs or 0,
+        n_probs=body.n_probs or 0,
         logit_bias=sorted(params.logit_bias.items()),
         grammar=body.grammar or "",
+        post_sampling_probs=body.post_sampling_probs,
     )
 
 
@@ -416,6 +447,67 @@ def _token_prob(entry: TokenLogprob) -> TokenProb:
     )
 
 
+def post_sampling_prob(entry: TokenLogprob, params: SamplingParams, n: int) -> TokenPostProb:
+    """The sampled token and the candidates the samplers keep, as probabilities among those.
+
+    Rebuilt from the raw top candidates the engine reports (up to MAX_LOGPROBS): top-k, top-p
+    and min-p cut them as llama.cpp's chain does, then the temperature reshapes the rest.
+    Greedy decoding keeps the sampled token alone.
+    """
+    chosen = TopLogprob(entry.token_id, entry.token, entry.logprob, entry.bytes)
+    kept = _kept_candidates(entry, chosen, params)
+    top = [_post(c, p) for c, p in kept[:n]]
+    prob = next((p for c, p in kept if c.token_id == chosen.token_id), kept[-1][1])
+    return TokenPostProb(**_post(chosen, prob).model_dump(), top_probs=top)
+
+
+def _post(candidate: TopLogprob, prob: float) -> TopPostProb:
+    return TopPostProb(
+        id=candidate.token_id, token=candidate.token, bytes=list(candidate.bytes), prob=prob
+    )
+
+
+def _kept_candidates(
+    entry: TokenLogprob, chosen: TopLogprob, params: SamplingParams
+) -> list[tuple[TopLogprob, float]]:
+    """(candidate, probability) after the truncation samplers and temperature, best first."""
+    if params.greedy:
+        return [(chosen, 1.0)]
+    candidates = sorted(entry.top, key=lambda c: -c.logprob)
+    if all(c.token_id != chosen.token_id for c in candidates):
+        candidates.append(chosen)
+    if params.top_k:
+        candidates = candidates[: max(params.top_k, 1)]
+    raw = _normalized([math.exp(c.logprob) for c in candidates])
+    keep = len(candidates)
+    if params.top_p < 1.0:
+        total = 0.0
+        for i, p in enumerate(raw):
+            total += p
+            if total >= params.top_p:
+                keep = i + 1
+                break
+    keep = max(1, sum(1 for p in raw[:keep] if p >= params.min_p * raw[0]))
+    kept = candidates[:keep]
+    if all(c.token_id != chosen.token_id for c in kept):
+        kept.append(chosen)  # the sampler took it, so it was among the candidates
+    scaled = _normalized([math.exp(c.logprob / params.temperature) for c in kept])
+    return sorted(zip(kept, scaled, strict=True), key=lambda pair: -pair[1])
+
+
+def _normalized(weights: list[float]) -> list[float]:
+    total = sum(weights)
+    return [w / total for w in weights] if total > 0 else [1.0 / len(weights)] * len(weights)
+
+
+def fit_context(params: SamplingParams, prompt_tokens: int, ctx: int) -> SamplingParams:
+    """`n_predict` past the context is cut to what fits, as llama-server does (no error)."""
+    room = ctx - prompt_tokens
+    if params.max_tokens is not None and 0 < room < params.max_tokens:
+        return replace(params, max_tokens=room)
+    return params
+
+
 def _timings(usage: Usage, predicted: int, prompt_s: float, predicted_s: float) -> Timings:
     prompt_n = usage.prompt_tokens - usage.cached_tokens
     prompt_ms, predicted_ms = prompt_s * 1000, predicted_s * 1000
@@ -434,14 +526,15 @@ def _timings(usage: Usage, predicted: int, prompt_s: float, predicted_s: float) 
 
 @dataclass
 class Progress:
-    """What a completion has produced so far."""
+    """What one prompt's completion has produced so far."""
 
     text: list[str] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
-    probs: list[TokenProb] = field(default_factory=list)
+    probs: list[TokenLogprob] = field(default_factory=list)
     last: Delta | None = None
     usage: Usage | None = None
     first_at: float | None = None
+    done: bool = False  # its final event was sent
 
     def add(self, delta: Delta) -> None:
         """Fold a delta in."""
@@ -449,14 +542,14 @@ class Progress:
             self.first_at = time.monotonic()
         self.text.append(delta.text)
         self.tokens.extend(delta.token_ids)
-        self.probs.extend(_token_prob(e) for e in delta.logprobs)
+        self.probs.extend(delta.logprobs)
         if delta.finish_reason is not None:
             self.last = delta
         self.usage = delta.usage or self.usage
 
 
 class CompletionWriter:
-    """Turns completion deltas into llama-server's response or its stream events."""
+    """Turns one prompt's deltas into llama-server's result or its stream events."""
 
     def __init__(
         self,
@@ -465,25 +558,43 @@ class CompletionWriter:
         prompt_ids: list[int],
         params: SamplingParams,
         started: float,
+        index: int = 0,
     ):
         self.model = model
         self.body = body
         self.prompt_ids = prompt_ids
         self.params = params
         self.started = started
+        self.index = index
 
-    def _final(self, progress: Progress, content: str, tokens: list[int]) -> CompletionResponse:
+    def probabilities(self, entries: Sequence[TokenLogprob]) -> Probabilities | None:
+        """`completion_probabilities` as asked: log-probabilities, or post-sampling ones."""
+        n = self.body.n_probs
+        if not n:
+            return None
+        if self.body.post_sampling_probs:
+            return [post_sampling_prob(e, self.params, n) for e in entries]
+        return [_token_prob(e) for e in entries]
+
+    def timings(self, progress: Progress) -> Timings:
+        """Counts and durations so far (all of them, once the last delta is in)."""
         now = time.monotonic()
         first = progress.first_at or now
         predicted = len(progress.tokens)
         usage = progress.usage or Usage(len(self.prompt_ids), predicted)
+        return _timings(usage, predicted, first - self.started, now - first)
+
+    def final(self, progress: Progress, content: str, tokens: list[int]) -> CompletionResponse:
+        """The whole result, or the closing `stop: true` event of a stream."""
+        usage = progress.usage or Usage(len(self.prompt_ids), len(progress.tokens))
         kind, word = stop_type(progress.last)
         info = self.model.engine.info
         return CompletionResponse(
+            index=self.index,
             content=content,
             tokens=tokens,
             model=self.model.id,
-            tokens_predicted=predicted,
+            tokens_predicted=len(progress.tokens),
             tokens_evaluated=len(self.prompt_ids),
             generation_settings=generation_settings(self.params, self.body, info.context_length),
             prompt=self.model.engine.detokenize(self.prompt_ids),
@@ -491,55 +602,105 @@ class CompletionWriter:
             stop_type=kind,
             stopping_word=word,
             tokens_cached=usage.cached_tokens,
-            timings=_timings(usage, predicted, first - self.started, now - first),
-            completion_probabilities=progress.probs if self.body.n_probs else None,
+            timings=self.timings(progress),
+            completion_probabilities=self.probabilities(progress.probs),
         )
 
-    async def collect(self, deltas: AsyncIterator[IndexedDelta]) -> CompletionResponse:
-        """The whole non-streaming response."""
-        progress = Progress()
-        async for item in deltas:
-            progress.add(item.delta)
+    def whole(self, progress: Progress) -> CompletionResponse:
+        """The non-streaming result."""
         tokens = progress.tokens if self.body.return_tokens else []
-        return self._final(progress, "".join(progress.text), tokens)
+        return self.final(progress, "".join(progress.text), tokens)
 
-    async def stream(self, deltas: AsyncIterator[IndexedDelta]) -> AsyncIterator[str]:
-        """SSE data lines: a `stop: false` event per delta with output, then `stop: true`."""
-        progress = Progress()
-        try:
-            async for item in deltas:
-                d = item.delta
-                progress.add(d)
-                if d.text or d.token_ids:
-                    yield event_json(self._chunk(d, len(progress.tokens)))
-        except LLMServeError as exc:  # after the first byte: the error is the last event
-            yield error_body(exc).model_dump_json()
-            return
-        yield event_json(self._final(progress, "", []))
-
-    def _chunk(self, d: Delta, predicted: int) -> CompletionChunk:
+    def chunk(self, d: Delta, progress: Progress) -> CompletionChunk:
+        """A `stop: false` event for a delta with output."""
         return CompletionChunk(
+            index=self.index,
             content=d.text,
             tokens=list(d.token_ids),
-            tokens_predicted=predicted,
+            tokens_predicted=len(progress.tokens),
             tokens_evaluated=len(self.prompt_ids),
-            completion_probabilities=[_token_prob(e) for e in d.logprobs]
-            if self.body.n_probs
-            else None,
+            completion_probabilities=self.probabilities(d.logprobs),
+            timings=self.timings(progress) if self.body.timings_per_token else None,
         )
 
     def empty(self) -> CompletionResponse:
         """`n_predict: 0`: the prompt is evaluated, nothing is generated."""
-        return self._final(Progress(), "", [])
-
-    async def empty_stream(self) -> AsyncIterator[str]:
-        """`n_predict: 0` while streaming: the final event alone."""
-        yield event_json(self.empty())
+        return self.final(Progress(), "", [])
 
 
-def event_json(event: CompletionChunk | CompletionResponse) -> str:
-    """An event as compact JSON; `completion_probabilities` only when asked for."""
+@dataclass(frozen=True)
+class Completed:
+    """Finished results: one JSON object, or an array for several prompts."""
+
+    results: list[CompletionResponse]
+    fields: list[str] | None = None  # `response_fields`
+
+    def json(self) -> str:
+        """The response body."""
+        if len(self.results) == 1:
+            return event_json(self.results[0], self.fields)
+        return "[" + ",".join(event_json(r, self.fields) for r in self.results) + "]"
+
+    async def stream(self) -> AsyncIterator[str]:
+        """`n_predict: 0` while streaming: the final events alone."""
+        for result in self.results:
+            yield event_json(result, self.fields)
+
+
+async def collect(
+    writers: list[CompletionWriter], deltas: AsyncIterator[IndexedDelta]
+) -> Completed:
+    """Every prompt's whole result."""
+    progress = [Progress() for _ in writers]
+    async for item in deltas:
+        progress[item.prompt_index].add(item.delta)
+    results = [w.whole(p) for w, p in zip(writers, progress, strict=True)]
+    return Completed(results, writers[0].body.response_fields)
+
+
+async def stream_events(
+    writers: list[CompletionWriter], deltas: AsyncIterator[IndexedDelta]
+) -> AsyncIterator[str]:
+    """SSE data lines: `stop: false` events per delta with output, a `stop: true` per prompt."""
+    fields = writers[0].body.response_fields
+    progress = [Progress() for _ in writers]
+    try:
+        async for item in deltas:
+            writer, state, d = writers[item.prompt_index], progress[item.prompt_index], item.delta
+            state.add(d)
+            if d.text or d.token_ids:
+                yield event_json(writer.chunk(d, state))
+            if d.finish_reason is not None:
+                state.done = True
+                yield event_json(writer.final(state, "", []), fields)
+    except LLMServeError as exc:  # after the first byte: the error is the last event
+        yield error_body(exc).model_dump_json()
+        return
+    for writer, state in zip(writers, progress, strict=True):
+        if not state.done:  # ended without a finish reason (aborted)
+            yield event_json(writer.final(state, "", []), fields)
+
+
+def event_json(event: CompletionChunk | CompletionResponse, fields: list[str] | None = None) -> str:
+    """An event as compact JSON: optional parts only when asked for, `response_fields` only."""
     data = event.model_dump(mode="json")
-    if data.get("completion_probabilities") is None:
-        data.pop("completion_probabilities", None)
+    for key in ("completion_probabilities", "timings"):
+        if data.get(key) is None:
+            data.pop(key, None)
+    if fields:
+        data = select_fields(data, fields)
     return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+
+
+def select_fields(data: dict[str, Any], fields: list[str]) -> dict[str, Any]:
+    """llama-server's `response_fields`: each path (`a/b` is nested) that exists, by its path."""
+    selected: dict[str, Any] = {}
+    for path in fields:
+        value: Any = data
+        for key in path.split("/"):
+            if not isinstance(value, dict) or key not in value:
+                break
+            value = value[key]
+        else:
+            selected[path] = value
+    return selected

@@ -1,0 +1,1 @@
+"""What llama.cpp's server suite needs to run against llmserve instead of `llama-server`."""
