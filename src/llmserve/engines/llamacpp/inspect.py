@@ -7,9 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gguf import GGUFReader
-
 from llmserve.engines.base import InsufficientMemoryError, InvalidModelFileError
+from llmserve.engines.llamacpp.gguf_header import GGUFHeaderError, MetaValue, read_header
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -39,17 +38,16 @@ def inspect_gguf(path: Path) -> GGUFSummary:
     """Validate header, version and tensor extents; summarize the metadata."""
     _check_header(path)
     try:
-        reader = GGUFReader(path)
-    except Exception as exc:  # the reader raises many kinds on damaged files
+        header = read_header(path)
+    except GGUFHeaderError as exc:
         raise InvalidModelFileError(f"{path.name} is not a readable GGUF: {exc}") from exc
     size = path.stat().st_size
-    for tensor in reader.tensors:
-        end = int(tensor.data_offset) + int(tensor.n_bytes)
-        if end > size:
+    for tensor in header.tensors:
+        if tensor.end > size:
             raise InvalidModelFileError(
                 f"{path.name} is truncated: tensor {tensor.name} ends past the file"
             )
-    return _summary(path, reader, size)
+    return _summary(path, header.metadata, size)
 
 
 def _check_header(path: Path) -> None:
@@ -65,32 +63,39 @@ def _check_header(path: Path) -> None:
         raise InvalidModelFileError(f"{path.name}: unsupported GGUF version {version}")
 
 
-def _field(reader: GGUFReader, key: str, default: Any = None) -> Any:
-    field = reader.fields.get(key)
-    if field is None or not field.data:
+def _field(metadata: dict[str, MetaValue], key: str, default: Any = None) -> Any:
+    """A key's text, number, or small array of numbers (`default` when absent or empty)."""
+    entry = metadata.get(key)
+    if entry is None:
         return default
-    return field.contents()
+    for value in (entry.value, entry.number, entry.numbers):
+        if value is not None and value != ():
+            return value
+    return default
 
 
-def _summary(path: Path, reader: GGUFReader, size: int) -> GGUFSummary:
-    arch = str(_field(reader, "general.architecture", "unknown"))
-    layers = int(_field(reader, f"{arch}.block_count", 0))
-    embd = int(_field(reader, f"{arch}.embedding_length", 0))
-    heads = _field(reader, f"{arch}.attention.head_count", 1) or 1
-    heads_kv = _field(reader, f"{arch}.attention.head_count_kv", heads) or heads
-    heads = heads if isinstance(heads, int) else max(heads)
-    heads_kv = heads_kv if isinstance(heads_kv, int) else max(heads_kv)
+def _count(value: Any) -> int:
+    """A count that may be given per layer (an array): its largest."""
+    return int(max(value)) if isinstance(value, tuple) else int(value)
+
+
+def _summary(path: Path, metadata: dict[str, MetaValue], size: int) -> GGUFSummary:
+    arch = str(_field(metadata, "general.architecture", "unknown"))
+    layers = _count(_field(metadata, f"{arch}.block_count", 0))
+    embd = _count(_field(metadata, f"{arch}.embedding_length", 0))
+    heads = _count(_field(metadata, f"{arch}.attention.head_count", 1)) or 1
+    heads_kv = _count(_field(metadata, f"{arch}.attention.head_count_kv", heads)) or heads
     kv_width = embd // heads * heads_kv if heads else embd
-    file_type = _field(reader, "general.file_type")
+    file_type = _field(metadata, "general.file_type")
     return GGUFSummary(
         path=path,
-        kind=str(_field(reader, "general.type", "model")),
+        kind=str(_field(metadata, "general.type", "model")),
         architecture=arch,
-        name=str(_field(reader, "general.name", path.stem)),
+        name=str(_field(metadata, "general.name", path.stem)),
         file_type=int(file_type) if file_type is not None else None,
         size_bytes=size,
         block_count=layers,
-        context_length=int(_field(reader, f"{arch}.context_length", 0)),
+        context_length=_count(_field(metadata, f"{arch}.context_length", 0)),
         kv_bytes_per_token=2 * layers * kv_width * F16_BYTES,
     )
 
