@@ -296,7 +296,8 @@ def _scope(caller: Caller) -> None:
     """Tell the model manager what this caller may load and use."""
     allow_model_loading(caller.permission >= Permission.ADMIN)  # on-demand loads: admin key
     record = caller.record
-    restrict_models(record.allowed_models if record is not None else None)
+    if record is not None and record.allowed_models is not None:
+        restrict_models(record.allowed_models)  # else the request's scope keeps its default
 
 
 async def require_admin(request: Request) -> Permission:

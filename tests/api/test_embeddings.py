@@ -177,7 +177,7 @@ def test_chunked_input_pools_like_one_call(
     many_steps = vectors(chunked, [text])[0]
     one_step = vectors(client, [text])[0]
     assert cosine(many_steps, one_step) > 0.9999
-    assert np.allclose(many_steps, one_step, atol=2e-3)
+    assert np.allclose(many_steps, one_step, atol=5e-3)
 
 
 def test_embedding_during_a_stream_keeps_it_flowing(small_chunk_server: RunningServer) -> None:
