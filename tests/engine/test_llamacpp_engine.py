@@ -140,10 +140,11 @@ def test_max_tokens_ends_with_length(llm: Driver) -> None:
 def test_min_tokens_holds_off_the_end(llm: Driver) -> None:
     prompt = llm.prompt("Reply with one word: yes or no. Is water wet?")
     natural = llm.run(prompt, temperature=0.0, max_tokens=40)
-    assert natural.finish_reason is FinishReason.STOP
-    assert len(natural.token_ids()) < 8  # the model ends early on its own
-    held = llm.run(prompt, temperature=0.0, max_tokens=40, min_tokens=8)
-    assert len(held.token_ids()) >= 8
+    assert natural.finish_reason is FinishReason.STOP  # the model ends on its own
+    # How soon depends on the host's kernels (7 tokens on one, 8 on another): hold it past that.
+    floor = len(natural.token_ids()) + 4
+    held = llm.run(prompt, temperature=0.0, max_tokens=40, min_tokens=floor)
+    assert len(held.token_ids()) >= floor
     exact = llm.run(prompt, temperature=0.0, max_tokens=12, min_tokens=12, ignore_eos=True)
     assert len(exact.token_ids()) == 12
     assert exact.usage.completion_tokens == 12
