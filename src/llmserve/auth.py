@@ -261,8 +261,7 @@ def identify(request: Request) -> Caller:
     if permission is Permission.NONE and usage is not None:
         record = usage.database_key(presented)
         if record is not None:
-            granted = Permission.ADMIN if record.role == "admin" else Permission.API
-            return Caller(granted, None, record)
+            return Caller(_granted(record), None, record)
     return Caller(permission, file_key)
 
 
@@ -274,8 +273,13 @@ def key_permission(request: Request, key: str) -> Permission:
     if permission is Permission.NONE and usage is not None:
         record = usage.database_key([key])
         if record is not None:
-            return Permission.ADMIN if record.role == "admin" else Permission.API
+            return _granted(record)
     return permission
+
+
+def _granted(record: KeyRecord) -> Permission:
+    """What a database key may do."""
+    return Permission.ADMIN if record.role == "admin" else Permission.API
 
 
 def request_permission(request: Request) -> Permission:

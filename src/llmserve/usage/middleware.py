@@ -63,35 +63,40 @@ def _instant(seconds: float) -> str:
     return moment.isoformat().replace("+00:00", "Z")
 
 
+def _limits(state: RateState) -> list[tuple[str, int, int, float]]:
+    """(kind, limit, remaining, seconds to reset) of each rate the key is limited in."""
+    rates = (
+        ("requests", state.limit_requests, state.remaining_requests, state.reset_requests),
+        ("tokens", state.limit_tokens, state.remaining_tokens, state.reset_tokens),
+    )
+    return [
+        (kind, limit, remaining, reset)
+        for kind, limit, remaining, reset in rates
+        if limit is not None and remaining is not None and reset is not None
+    ]
+
+
 def openai_headers(state: RateState) -> list[tuple[str, str]]:
     """x-ratelimit-* as OpenAI sends them."""
     headers = []
-    for kind, limit, remaining, reset in (
-        ("requests", state.limit_requests, state.remaining_requests, state.reset_requests),
-        ("tokens", state.limit_tokens, state.remaining_tokens, state.reset_tokens),
-    ):
-        if limit is not None and remaining is not None and reset is not None:
-            headers += [
-                (f"x-ratelimit-limit-{kind}", str(limit)),
-                (f"x-ratelimit-remaining-{kind}", str(remaining)),
-                (f"x-ratelimit-reset-{kind}", _duration(reset)),
-            ]
+    for kind, limit, remaining, reset in _limits(state):
+        headers += [
+            (f"x-ratelimit-limit-{kind}", str(limit)),
+            (f"x-ratelimit-remaining-{kind}", str(remaining)),
+            (f"x-ratelimit-reset-{kind}", _duration(reset)),
+        ]
     return headers
 
 
 def anthropic_headers(state: RateState) -> list[tuple[str, str]]:
     """anthropic-ratelimit-* as Anthropic sends them."""
     headers = []
-    for kind, limit, remaining, reset in (
-        ("requests", state.limit_requests, state.remaining_requests, state.reset_requests),
-        ("tokens", state.limit_tokens, state.remaining_tokens, state.reset_tokens),
-    ):
-        if limit is not None and remaining is not None and reset is not None:
-            headers += [
-                (f"anthropic-ratelimit-{kind}-limit", str(limit)),
-                (f"anthropic-ratelimit-{kind}-remaining", str(remaining)),
-                (f"anthropic-ratelimit-{kind}-reset", _instant(reset)),
-            ]
+    for kind, limit, remaining, reset in _limits(state):
+        headers += [
+            (f"anthropic-ratelimit-{kind}-limit", str(limit)),
+            (f"anthropic-ratelimit-{kind}-remaining", str(remaining)),
+            (f"anthropic-ratelimit-{kind}-reset", _instant(reset)),
+        ]
     return headers
 
 
