@@ -18,12 +18,13 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import random
 import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -74,6 +75,8 @@ class BenchConfig:
     warmup: int = 1
     seed: int = 0
     seed_probe: int = 0
+    server_pid: int | None = None  # a server on this machine: its CPU time per level is read
+    decode_threads: int | None = None  # its llama.cpp threads, to split llmserve's CPU time
 
     def requests_for(self, concurrency: int) -> int:
         """Requests sent at one level: --requests, else 2 × concurrency but at least 8."""
@@ -112,6 +115,7 @@ class LevelSummary:
     itl_p50_ms: float | None
     itl_p99_ms: float | None
     engine: EngineTime | None = None
+    cpu_s: float | None = None  # the server process's CPU time (all threads) over the level
 
 
 @dataclass(frozen=True)
@@ -471,13 +475,29 @@ async def run_level(
             results.append(await stream_request(client, path, body, cfg.timeout))
 
     engine_before = await read_engine_time(client, cfg)
+    cpu_before = process_cpu_s(cfg.server_pid)
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     summary = summarize(concurrency, results, time.perf_counter() - start)
+    cpu_after = process_cpu_s(cfg.server_pid)
     engine_after = await read_engine_time(client, cfg)
     if engine_before is not None and engine_after is not None:
         summary.engine = engine_after.minus(engine_before)
+    if cpu_before is not None and cpu_after is not None:
+        summary.cpu_s = cpu_after - cpu_before
     return summary
+
+
+def process_cpu_s(pid: int | None) -> float | None:
+    """User + system CPU seconds of every thread of process `pid` so far (None: unknown)."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+    # After the command name: utime and stime are fields 14 and 15 of the whole line.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def warm_up(client: httpx.AsyncClient, cfg: BenchConfig) -> None:
@@ -627,15 +647,39 @@ def error_lines(levels: Sequence[LevelSummary]) -> list[str]:
     ]
 
 
-def engine_lines(levels: Sequence[LevelSummary]) -> list[str]:
-    """llmserve only: engine steps per level and the share of step time outside llama_decode."""
-    return [
-        f"engine at concurrency {lv.concurrency}: {lv.engine.steps} steps, "
-        f"mean step {lv.engine.mean_step_ms:.1f} ms, "
-        f"{lv.engine.overhead_share:.1%} of step time outside llama_decode"
-        for lv in levels
-        if lv.engine is not None and lv.engine.steps
-    ]
+def engine_lines(levels: Sequence[LevelSummary], decode_threads: int | None = None) -> list[str]:
+    """Per level: the server's CPU per output token; llmserve's engine steps and their split."""
+    lines = []
+    for lv in levels:
+        parts = []
+        if lv.cpu_s is not None and lv.output_tokens:
+            parts.append(
+                f"process CPU {lv.cpu_s:.1f} s ({lv.cpu_s / lv.output_tokens * 1000:.1f} ms "
+                "per output token)"
+            )
+        if lv.engine is not None and lv.engine.steps:
+            parts.append(
+                f"{lv.engine.steps} engine steps, mean {lv.engine.mean_step_ms:.1f} ms, "
+                f"{lv.engine.overhead_share:.1%} of step time outside llama_decode"
+            )
+            outside = outside_decode_share(lv, decode_threads)
+            if outside is not None:
+                parts.append(f"{outside:.1%} of the process's CPU outside llama_decode")
+        if parts:
+            lines.append(f"concurrency {lv.concurrency}: " + "; ".join(parts))
+    return lines
+
+
+def outside_decode_share(level: LevelSummary, decode_threads: int | None) -> float | None:
+    """Share of the whole process's CPU time not spent by llama.cpp's threads in llama_decode.
+
+    Every thread counts (HTTP, event loop, database, sampling on the engine thread); decode
+    time is charged `decode_threads` times, once per llama.cpp thread working in it.
+    """
+    if level.cpu_s is None or level.engine is None or not decode_threads or level.cpu_s <= 0:
+        return None
+    inside = min(level.cpu_s, level.engine.decode_s * decode_threads)
+    return (level.cpu_s - inside) / level.cpu_s
 
 
 def prefix_line(prefix: PrefixSummary) -> str:
@@ -665,7 +709,7 @@ def report(result: BenchResult) -> str:
     """The printed report: levels table, error kinds, prefix probe."""
     parts = [markdown_table(TABLE_HEADER, [level_cells(lv) for lv in result.levels])]
     parts += error_lines(result.levels)
-    parts += engine_lines(result.levels)
+    parts += engine_lines(result.levels, result.config.get("decode_threads"))
     if result.prefix:
         parts.append(prefix_line(result.prefix))
     if result.seeds:
@@ -768,6 +812,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--url", default="http://127.0.0.1:8000/v1", help="OpenAI base URL")
     parser.add_argument("--api-key")
     parser.add_argument("--model", help="model name to send (default: none, server's default)")
+    parser.add_argument(
+        "--server-pid", type=int, help="the server's PID on this machine: report its CPU time"
+    )
+    parser.add_argument(
+        "--decode-threads", type=int, help="its llama.cpp threads (llmserve's CPU split)"
+    )
     add_workload_args(parser)
     return parser.parse_args(argv)
 
@@ -775,6 +825,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     cfg = workload_config(args, args.url, args.api_key, args.model)
+    cfg = replace(cfg, server_pid=args.server_pid, decode_threads=args.decode_threads)
     try:
         validate(cfg)
         result = asyncio.run(run_benchmark(cfg))

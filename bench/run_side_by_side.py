@@ -25,11 +25,12 @@ import secrets
 import shlex
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,22 @@ LLAMA_CPP_PYTHON_TEMPLATE = (
 CEILING_SCRIPT = Path(__file__).resolve().parents[2] / "shared" / "tools" / "decode_ceiling.py"
 CEILING_LINE = re.compile(r"seqs=\s*(\d+): decode\s+([\d.]+) tok/s")
 QUIET_LOAD = 0.5
+# Runs a script (argv[1]) with llama-cpp-python's model defaults set to no weight repacking:
+# where a VM advertises AMX it has not enabled, repacked weights crash the first decode.
+NO_REPACK_RUNNER = """
+import runpy, sys
+import llama_cpp
+defaults = llama_cpp.llama_model_default_params
+def no_repack():
+    params = defaults()
+    params.use_extra_bufts = False
+    return params
+llama_cpp.llama_model_default_params = no_repack
+script = sys.argv[1]
+sys.argv = sys.argv[1:]
+runpy.run_path(script, run_name="__main__")
+"""
+NO_REPACK_LABEL = "<no-repack runner>"
 
 
 @dataclass(frozen=True)
@@ -70,6 +87,7 @@ class ServerRun:
     name: str
     command: list[str]
     log_path: str
+    round: int = 1
     startup_s: float | None = None
     peak_rss_mb: float | None = None
     result: load.BenchResult | None = None
@@ -205,13 +223,15 @@ def stop_server(proc: subprocess.Popen[bytes], grace: float = 15.0) -> None:
         proc.wait(10)
 
 
-def measure(args: argparse.Namespace, spec: ServerSpec, model: Path, workdir: Path) -> ServerRun:
+def measure(
+    args: argparse.Namespace, spec: ServerSpec, model: Path, workdir: Path, round_no: int = 1
+) -> ServerRun:
     """Start one server, benchmark it, stop it; failures are recorded, not raised."""
     port, key = free_port(), secrets.token_hex(16)
     command = render(spec.template, placeholders(args, model, port, key))
-    log_path = workdir / f"{spec.name}.log"
+    log_path = workdir / f"{spec.name}-round{round_no}.log"
     shown = [word.replace(key, "<key>") for word in command]
-    run = ServerRun(name=spec.name, command=shown, log_path=str(log_path))
+    run = ServerRun(name=spec.name, command=shown, log_path=str(log_path), round=round_no)
     load.log(f"[{spec.name}] starting: {shlex.join(shown)}")
     try:
         proc = start_server(command, log_path, workdir)
@@ -222,6 +242,7 @@ def measure(args: argparse.Namespace, spec: ServerSpec, model: Path, workdir: Pa
         run.startup_s = wait_ready(proc, port, key, args.startup_timeout)
         load.log(f"[{spec.name}] ready after {run.startup_s:.1f} s on port {port}")
         cfg = load.workload_config(args, f"http://127.0.0.1:{port}/v1", key, args.model_name)
+        cfg = replace(cfg, server_pid=proc.pid, decode_threads=args.threads)
         run.result = asyncio.run(load.run_benchmark(cfg))
         hwm = load.proc_status_kb(proc.pid, "VmHWM")
         run.peak_rss_mb = None if hwm is None else hwm / 1024
@@ -249,7 +270,10 @@ def run_ceiling(args: argparse.Namespace, model: Path) -> dict[int, float]:
         sys.executable, str(args.ceiling_script), str(model), "--threads", str(args.threads),
         "--seqs", *map(str, args.concurrency), "--steps", str(args.max_tokens),
     ]  # fmt: skip
-    load.log(f"[ceiling] {shlex.join(command)}")
+    if args.no_repack:  # the same script, its model loaded without llama.cpp's repacking
+        command[1:2] = ["-c", NO_REPACK_RUNNER, str(args.ceiling_script)]
+    shown = [NO_REPACK_LABEL if word == NO_REPACK_RUNNER else word for word in command]
+    load.log(f"[ceiling] {shlex.join(shown)}")
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=True)
     except (OSError, subprocess.SubprocessError) as exc:
@@ -260,26 +284,73 @@ def run_ceiling(args: argparse.Namespace, model: Path) -> dict[int, float]:
 
 # ----------------------------------------------------------------------------- report
 
-HEADER = ("server", *load.TABLE_HEADER)
+HEADER = ("server", "round", *load.TABLE_HEADER)
+MEDIAN_HEADER = (
+    "server", "conc", "rounds", "out tok/s", "× baseline", "TTFT p50 ms", "× baseline",
+    "ITL p50 ms", "ITL p99 ms", "c/c1 tok/s",
+)  # fmt: skip
+MEDIAN_FIELDS = ("out_tok_per_s", "ttft_p50_ms", "itl_p50_ms", "itl_p99_ms")
 
 
 def server_rows(runs: list[ServerRun]) -> list[list[str]]:
-    """One row per server and level; one row for a server that failed before measuring."""
+    """One row per server, round and level; one row for a run that failed before measuring."""
     rows = []
     for run in runs:
         if run.result is None:
-            rows.append([run.name, "–", "failed", *["–"] * (len(HEADER) - 3)])
+            rows.append([run.name, str(run.round), "–", "failed", *["–"] * (len(HEADER) - 4)])
             continue
-        rows += [[run.name, *load.level_cells(level)] for level in run.result.levels]
+        rows += [
+            [run.name, str(run.round), *load.level_cells(level)] for level in run.result.levels
+        ]
     return rows
 
 
 def ceiling_rows(ceiling: dict[int, float]) -> list[list[str]]:
     """Rows for the raw llama.cpp decode ceiling: only output tokens/s is known."""
     return [
-        ["decode ceiling", str(seqs), "–", "–", load.fmt(tps), *["–"] * (len(HEADER) - 5)]
+        ["decode ceiling", "–", str(seqs), "–", "–", load.fmt(tps), *["–"] * (len(HEADER) - 6)]
         for seqs, tps in sorted(ceiling.items())
     ]
+
+
+def medians(runs: list[ServerRun]) -> dict[tuple[str, int], dict[str, float | None]]:
+    """(server, concurrency) → the median over rounds of each MEDIAN_FIELDS figure."""
+    grouped: dict[tuple[str, int], list[load.LevelSummary]] = {}
+    for run in runs:
+        for level in run.result.levels if run.result else []:
+            grouped.setdefault((run.name, level.concurrency), []).append(level)
+    table: dict[tuple[str, int], dict[str, float | None]] = {}
+    for key, levels in grouped.items():
+        row: dict[str, float | None] = {"rounds": len(levels)}
+        for name in MEDIAN_FIELDS:
+            values = [v for v in (getattr(lv, name) for lv in levels) if v is not None]
+            row[name] = statistics.median(values) if values else None
+        table[key] = row
+    return table
+
+
+def ratio(value: float | None, base: float | None) -> str:
+    """value / base for a table cell."""
+    return "–" if value is None or not base else f"{value / base:.2f}"
+
+
+def median_rows(
+    table: dict[tuple[str, int], dict[str, float | None]], baseline: str | None
+) -> list[list[str]]:
+    """One row per server and level: medians, ratios to the baseline, scaling over c=1."""
+    rows = []
+    for (name, conc), row in table.items():
+        base = table.get((baseline, conc), {}) if baseline else {}
+        first = min((c for n, c in table if n == name), default=conc)
+        solo = table[(name, first)]["out_tok_per_s"]
+        rows.append([
+            name, str(conc), str(row["rounds"]), load.fmt(row["out_tok_per_s"]),
+            ratio(row["out_tok_per_s"], base.get("out_tok_per_s")),
+            load.fmt(row["ttft_p50_ms"]), ratio(row["ttft_p50_ms"], base.get("ttft_p50_ms")),
+            load.fmt(row["itl_p50_ms"]), load.fmt(row["itl_p99_ms"]),
+            ratio(row["out_tok_per_s"], solo),
+        ])  # fmt: skip
+    return rows
 
 
 def server_notes(runs: list[ServerRun]) -> list[str]:
@@ -289,13 +360,15 @@ def server_notes(runs: list[ServerRun]) -> list[str]:
         startup = load.fmt(run.startup_s) + " s"
         rss = load.fmt(run.peak_rss_mb, 0) + " MB"
         notes.append(
-            f"- **{run.name}**: ready in {startup}, peak RSS {rss}; `{shlex.join(run.command)}`"
+            f"- **{run.name}** (round {run.round}): ready in {startup}, peak RSS {rss}; "
+            f"`{shlex.join(run.command)}`"
         )
         if run.error:
             notes.append(f"  - failed: {run.error} (log: {run.log_path})")
         if run.result:
             notes += [f"  - errors at {line}" for line in load.error_lines(run.result.levels)]
-            notes += [f"  - {line}" for line in load.engine_lines(run.result.levels)]
+            lines = load.engine_lines(run.result.levels, run.result.config.get("decode_threads"))
+            notes += [f"  - {line}" for line in lines]
             if run.result.prefix:
                 notes.append(f"  - {load.prefix_line(run.result.prefix)}")
             if run.result.seeds:
@@ -314,7 +387,11 @@ def report(
         f"ctx {args.ctx}/slot, {args.threads} threads"
     )
     table = load.markdown_table(HEADER, server_rows(runs) + ceiling_rows(ceiling))
-    return "\n\n".join([title, table, "\n".join(server_notes(runs))])
+    summary = load.markdown_table(MEDIAN_HEADER, median_rows(medians(runs), args.baseline))
+    baseline = f" (× baseline: over {args.baseline}'s median)" if args.baseline else ""
+    return "\n\n".join(
+        [title, table, f"Medians over rounds{baseline}:", summary, "\n".join(server_notes(runs))]
+    )
 
 
 def report_json(
@@ -359,9 +436,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--startup-timeout", type=float, default=300.0)
     parser.add_argument("--cooldown", type=float, default=5.0, help="seconds between servers")
     parser.add_argument("--log-dir", type=Path, help="server logs and cwd (default: a new tmp dir)")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="run every server this many times, interleaved"
+    )
+    parser.add_argument(
+        "--baseline", help="server name the medians are compared with (default: llama-server)"
+    )
+    parser.add_argument(
+        "--no-repack",
+        action="store_true",
+        help="llama-server and the ceiling without weight repacking (llmserve never repacks)",
+    )
     load.add_workload_args(parser)
     args = parser.parse_args(argv)
     args.parallel = args.parallel or max(args.concurrency)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    if args.baseline is None and args.llama_server:
+        args.baseline = "llama-server"
+    if args.no_repack and args.llama_server_template == LLAMA_SERVER_TEMPLATE:
+        args.llama_server_template += " --no-repack"
     return args
 
 
@@ -390,10 +484,12 @@ def main(argv: list[str] | None = None) -> None:
     ceiling = run_ceiling(args, model) if args.ceiling else {}
     runs: list[ServerRun] = []
     try:
-        for i, spec in enumerate(specs):
-            if i:
-                time.sleep(args.cooldown)
-            runs.append(measure(args, spec, model, workdir))
+        for round_no in range(1, args.rounds + 1):
+            for i, spec in enumerate(specs):
+                if i or round_no > 1:
+                    time.sleep(args.cooldown)
+                load.log(f"round {round_no}/{args.rounds}")
+                runs.append(measure(args, spec, model, workdir, round_no))
     except KeyboardInterrupt:
         load.log("interrupted: the server being measured was stopped; servers done so far:")
         print(report(args, model, runs, ceiling))

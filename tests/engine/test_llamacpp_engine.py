@@ -10,7 +10,7 @@ import pytest
 from llmserve.core.errors import ContextLengthExceededError, InvalidRequestError
 from llmserve.core.params import DrySettings, MirostatMode
 from llmserve.core.request import FinishReason
-from llmserve.engines.llamacpp.config import LlamaCppConfig
+from llmserve.engines.llamacpp.config import MAX_DEFAULT_PARALLEL, LlamaCppConfig
 from llmserve.engines.llamacpp.engine import LlamaCppEngine
 from llmserve.engines.llamacpp.scheduler import common_prefix_length
 from tests.engine.helpers import Completion, Driver, idle, request, small_engine, wait_for
@@ -444,9 +444,18 @@ def test_config_sizes_context_and_slots_from_the_model() -> None:
     config = LlamaCppConfig(model_path="m.gguf", model_id="m")
     assert config.resolve_ctx_size(8192) == 4096
     assert config.resolve_ctx_size(2048) == 2048
-    assert config.resolve_parallel(4096) == 8
-    assert config.resolve_parallel(1024) == 16
-    assert config.resolve_parallel(65536) == 1
+    smollm_cell = 2 * 30 * 192 * 2  # SmolLM2-135M: 30 layers, 3 KV heads of 64, f16 K and V
+    gib = 1 << 30
+    # 1/8 of a 24 GiB machine (3 GiB) holds 34 slots of 4096 cells: capped at 32.
+    assert config.resolve_parallel(4096, smollm_cell, 24 * gib) == MAX_DEFAULT_PARALLEL == 32
+    # An 8 GiB laptop: 1 GiB of KV, 11 slots of 4096 cells.
+    assert config.resolve_parallel(4096, smollm_cell, 8 * gib) == 11
+    # The 4 GiB cap holds on a large machine; a model whose slot needs more still gets one.
+    assert config.resolve_parallel(4096, 128 * 1024, 512 * gib) == 8
+    assert config.resolve_parallel(65536, 512 * 1024, 24 * gib) == 1
+    assert config.resolve_parallel(4096, smollm_cell, None) == 32  # memory unknown: the cap
+    pinned = LlamaCppConfig(model_path="m.gguf", model_id="m", parallel=3)
+    assert pinned.resolve_parallel(4096, smollm_cell, 24 * gib) == 3
 
 
 def test_unified_kv_cache_shares_prefixes_and_forks_choices() -> None:

@@ -13,6 +13,7 @@ from llmserve.engines.llamacpp.scheduler import (
     Scheduler,
     SeqStatus,
     common_prefix_length,
+    prefix_copy_threshold,
 )
 
 
@@ -44,9 +45,11 @@ def make_group(prompt: list[int], **params: object) -> RequestGroup:
     return RequestGroup(request=req, deliver=ignore, max_new_tokens=8)
 
 
-def make_scheduler(slots: int = 4, budget: int = 64) -> tuple[Scheduler, FakeMemory]:
+def make_scheduler(
+    slots: int = 4, budget: int = 64, min_copy_gain: int = 1
+) -> tuple[Scheduler, FakeMemory]:
     memory = FakeMemory()
-    return Scheduler(slots, 256, budget, memory), memory
+    return Scheduler(slots, 256, budget, memory, min_copy_gain=min_copy_gain), memory
 
 
 def run_prefill(scheduler: Scheduler, memory: FakeMemory) -> None:
@@ -140,6 +143,49 @@ def test_prefix_held_by_a_busy_slot_is_copied() -> None:
     assert newcomer.cached_tokens == len(system)
     assert memory.copies == [(source.seq_id, target.seq_id, len(system))]
     assert memory.cells[target.seq_id] == list(range(len(system)))
+
+
+def test_a_busy_prefix_saving_less_than_the_threshold_is_prefilled_not_copied() -> None:
+    """Chat prompts that share only a template header: a whole-stream copy would cost more."""
+    scheduler, memory = make_scheduler(min_copy_gain=16)
+    header = list(range(50, 60))  # 10 shared tokens, under the 16-token bar
+    busy = make_group([*header, 1, 2])
+    scheduler.add(busy)
+    scheduler.admit()
+    run_prefill(scheduler, memory)
+    newcomer = make_group([*header, 3, 4])
+    scheduler.add(newcomer)
+    scheduler.admit()
+    assert memory.copies == []
+    assert newcomer.cached_tokens == 0
+    assert newcomer.sequences[0].slot is not busy.sequences[0].slot
+    longer = make_group([*header, 1, 2, 5])  # also under the bar: busy's 12 tokens
+    scheduler.add(longer)
+    scheduler.admit()
+    assert memory.copies == [] and longer.cached_tokens == 0
+
+
+def test_a_busy_prefix_saving_at_least_the_threshold_is_copied() -> None:
+    scheduler, memory = make_scheduler(min_copy_gain=16)
+    system = list(range(50, 66))  # exactly 16 shared tokens
+    busy = make_group([*system, 1])
+    scheduler.add(busy)
+    scheduler.admit()
+    run_prefill(scheduler, memory)
+    newcomer = make_group([*system, 3])
+    scheduler.add(newcomer)
+    scheduler.admit()
+    assert newcomer.cached_tokens == 16
+    assert len(memory.copies) == 1
+
+
+def test_prefix_copy_threshold_follows_the_kv_layout() -> None:
+    assert prefix_copy_threshold(kv_unified=True, ctx_size=4096) == 1  # a copy is metadata
+    assert prefix_copy_threshold(kv_unified=False, ctx_size=512) == 16
+    assert prefix_copy_threshold(kv_unified=False, ctx_size=4096) == 32
+    assert prefix_copy_threshold(kv_unified=False, ctx_size=32768) == 256
+    with pytest.raises(ValueError):
+        Scheduler(2, 256, 64, FakeMemory(), min_copy_gain=0)
 
 
 def test_prompt_logprobs_disable_reuse() -> None:

@@ -10,8 +10,11 @@ from llmserve.engines.base import InvalidEngineSettingError
 from llmserve.engines.llamacpp.settings import LlamaCppSettings
 
 DEFAULT_MAX_CTX = 4096  # per-sequence context when the config leaves it to the model
-KV_TOKEN_BUDGET = 32768  # total KV cells the default `parallel` aims for
-MAX_DEFAULT_PARALLEL = 16
+# Without `parallel`, the KV cache may take 1/8 of the machine's memory, at most 4 GiB: one
+# chat server serves many users, and the rest stays for weights, other models and the OS.
+DEFAULT_KV_MEMORY_SHARE = 8
+DEFAULT_KV_MEMORY_CAP = 4 << 30
+MAX_DEFAULT_PARALLEL = 32  # more slots than this only add attention streams few servers fill
 # llama.cpp's KV cache element types by name (model.py maps them onto ggml's enum).
 KV_CACHE_TYPE_NAMES = frozenset(
     {"f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"}
@@ -116,8 +119,22 @@ class LlamaCppConfig:
             return self.ctx_size
         return max(1, min(n_ctx_train, DEFAULT_MAX_CTX))
 
-    def resolve_parallel(self, ctx_size: int) -> int:
-        """Running sequences: the configured number, else as many as ~32k KV cells allow."""
+    def resolve_parallel(
+        self, ctx_size: int, kv_bytes_per_token: int, machine_memory: int | None
+    ) -> int:
+        """Running sequences: the configured number, else as many slots as the KV budget holds.
+
+        Each slot owns `ctx_size` cells of `kv_bytes_per_token` (f16 K and V over all layers);
+        the budget is `default_kv_budget(machine_memory)`. Between 1 and MAX_DEFAULT_PARALLEL.
+        """
         if self.parallel is not None:
             return self.parallel
-        return max(1, min(MAX_DEFAULT_PARALLEL, KV_TOKEN_BUDGET // ctx_size))
+        slot_bytes = max(1, ctx_size * kv_bytes_per_token)
+        return max(1, min(MAX_DEFAULT_PARALLEL, default_kv_budget(machine_memory) // slot_bytes))
+
+
+def default_kv_budget(machine_memory: int | None) -> int:
+    """Bytes the default slots' KV cache may take: 1/8 of the machine, at most 4 GiB."""
+    if machine_memory is None:
+        return DEFAULT_KV_MEMORY_CAP
+    return min(DEFAULT_KV_MEMORY_CAP, machine_memory // DEFAULT_KV_MEMORY_SHARE)

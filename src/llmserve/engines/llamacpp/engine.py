@@ -19,6 +19,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
+from pathlib import Path
 
 from llmserve.core.constraints import Constraint
 from llmserve.core.errors import (
@@ -36,10 +37,11 @@ from llmserve.engines.llamacpp.batch import TokenBatch
 from llmserve.engines.llamacpp.config import LlamaCppConfig
 from llmserve.engines.llamacpp.embedding import Embedder
 from llmserve.engines.llamacpp.grammar import compile_constraint
+from llmserve.engines.llamacpp.inspect import inspect_gguf, machine_memory
 from llmserve.engines.llamacpp.model import ContextSettings, LlamaModel
 from llmserve.engines.llamacpp.runner import StepRunner
 from llmserve.engines.llamacpp.sampling import check_grammar
-from llmserve.engines.llamacpp.scheduler import RequestGroup, Scheduler
+from llmserve.engines.llamacpp.scheduler import RequestGroup, Scheduler, prefix_copy_threshold
 
 logger = logging.getLogger(__name__)
 
@@ -500,7 +502,8 @@ class LlamaCppEngine:
 def _prepare_runner(config: LlamaCppConfig, model: LlamaModel) -> tuple[ModelInfo, StepRunner]:
     """Size the context for the configured slots and wire the scheduler to it."""
     ctx_size = config.resolve_ctx_size(model.n_ctx_train)
-    parallel = config.resolve_parallel(ctx_size)
+    kv_bytes_per_token = inspect_gguf(Path(config.model_path)).kv_bytes_per_token
+    parallel = config.resolve_parallel(ctx_size, kv_bytes_per_token, machine_memory())
     if ctx_size > model.n_ctx_train:
         logger.warning(
             "ctx_size %d exceeds the model's training context %d", ctx_size, model.n_ctx_train
@@ -523,6 +526,7 @@ def _prepare_runner(config: LlamaCppConfig, model: LlamaModel) -> tuple[ModelInf
         ctx_size=ctx_size,
         prefill_budget=config.prefill_chunk,
         memory=model,
+        min_copy_gain=prefix_copy_threshold(config.kv_unified, ctx_size),
     )
     batch = TokenBatch(batch_capacity)
     return info, StepRunner(model, scheduler, batch, info.eog_token_ids)

@@ -22,14 +22,15 @@ class LlamaCppFactory:
 
     def check(self, settings: LlamaCppSettings, path: Path, model_id: str) -> int:
         """A bad file must be a 4xx, not an abort or an OOM kill: header, kind, memory fit."""
-        from llmserve.engines.llamacpp.inspect import check_fits, inspect_gguf
+        from llmserve.engines.llamacpp.inspect import check_fits, inspect_gguf, machine_memory
 
         config = LlamaCppConfig.from_settings(settings, path, model_id)
         summary = inspect_gguf(path)
         if summary.kind != "model":
             raise InvalidModelFileError(f"{path.name} is a {summary.kind}, not a model")
         ctx = config.resolve_ctx_size(summary.context_length or FALLBACK_TRAIN_CONTEXT)
-        return check_fits(summary, ctx * config.resolve_parallel(ctx))
+        parallel = config.resolve_parallel(ctx, summary.kv_bytes_per_token, machine_memory())
+        return check_fits(summary, ctx * parallel)
 
     def load(self, settings: LlamaCppSettings, path: Path, model_id: str) -> Engine:
         """Load the model and start its engine thread (blocking)."""

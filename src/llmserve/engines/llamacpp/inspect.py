@@ -102,9 +102,25 @@ def _summary(path: Path, metadata: dict[str, MetaValue], size: int) -> GGUFSumma
 
 def available_memory() -> int | None:
     """MemAvailable from /proc/meminfo, in bytes (None where unknown)."""
+    return _meminfo("MemAvailable:")
+
+
+def machine_memory() -> int | None:
+    """The memory this process may use: MemTotal, or a smaller cgroup (container) limit."""
+    total = _meminfo("MemTotal:")
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+    except OSError:
+        return total
+    if not limit.isdigit():  # "max": no limit
+        return total
+    return int(limit) if total is None else min(total, int(limit))
+
+
+def _meminfo(key: str) -> int | None:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
+            if line.startswith(key):
                 return int(line.split()[1]) * 1024
     except OSError:
         return None

@@ -28,6 +28,10 @@ if TYPE_CHECKING:
 # reads the whole vocabulary and an all-logits prefill also runs the output layer per token,
 # so a long scored prompt is spread over steps to bound what every other stream waits for.
 PROMPT_LOGITS_PER_STEP = 128
+# A whole-stream KV copy is worth it only when it saves at least this many prompt tokens, and
+# one token more per this many cells of the stream (see `prefix_copy_threshold`).
+MIN_STREAM_COPY_GAIN = 16
+STREAM_COPY_CELLS_PER_TOKEN = 128
 
 
 class KvMemory(Protocol):
@@ -201,6 +205,19 @@ class Counters:
     decode_seconds: float = 0.0  # of that, time inside llama_decode
 
 
+def prefix_copy_threshold(kv_unified: bool, ctx_size: int) -> int:
+    """Least prompt tokens a copied prefix must save to be worth the copy.
+
+    In one unified buffer a copy only tags cells with another sequence id: any gain pays. With
+    a stream per slot llama.cpp copies the whole stream (all layers, `ctx_size` cells); measured
+    on 2-core hosts that costs what prefilling 1-4 tokens does at 512-4096 cells per slot, more
+    where prefill is faster, so the bar is set well above it and grows with the stream.
+    """
+    if kv_unified:
+        return 1
+    return max(MIN_STREAM_COPY_GAIN, ctx_size // STREAM_COPY_CELLS_PER_TOKEN)
+
+
 def common_prefix_length(a: SequenceOf[int], b: SequenceOf[int], limit: int) -> int:
     """Length of the longest common prefix of `a` and `b`, at most `limit`."""
     bound = min(len(a), len(b), limit)
@@ -220,14 +237,21 @@ class Scheduler:
         prefill_budget: int,
         memory: KvMemory,
         prompt_logits_budget: int = PROMPT_LOGITS_PER_STEP,
+        min_copy_gain: int = 1,
     ) -> None:
         if n_slots < 1 or ctx_size < 1 or prefill_budget < 1 or prompt_logits_budget < 1:
             raise ValueError("slots, context size and prefill budgets must be positive")
+        if min_copy_gain < 1:
+            raise ValueError("the least gain worth a prefix copy must be at least one token")
         self.slots = [Slot(seq_id=i) for i in range(n_slots)]
         self.ctx_size = ctx_size
         self.prefill_budget = prefill_budget
         # Of the prefill budget, at most this many tokens per step may need every logits row.
         self.prompt_logits_budget = prompt_logits_budget
+        # Prompt tokens a busy slot's prefix must save over the best free slot's before its KV
+        # is copied: with one KV stream per slot a copy moves the whole stream, which costs as
+        # much as prefilling several tokens (`prefix_copy_threshold`).
+        self.min_copy_gain = min_copy_gain
         self.waiting: deque[RequestGroup] = deque()
         self.running: list[Sequence] = []  # admission order: FIFO for prefill budget
         self.counters = Counters()
@@ -310,7 +334,7 @@ class Scheduler:
         own_length = shared[own.seq_id]
         donor = max(self.slots, key=lambda s: shared[s.seq_id])
         donor_length = shared[donor.seq_id]
-        if donor_length > own_length:
+        if donor_length - own_length >= self.min_copy_gain:
             # A busy slot holds a longer prefix (e.g. a shared system prompt): share its KV
             # with the least recently used free slot rather than recompute it.
             target = self._least_recent(free)
