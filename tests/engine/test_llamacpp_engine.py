@@ -12,6 +12,7 @@ from llmserve.core.params import DrySettings, MirostatMode
 from llmserve.core.request import FinishReason
 from llmserve.engines.llamacpp.config import MAX_DEFAULT_PARALLEL, LlamaCppConfig
 from llmserve.engines.llamacpp.engine import LlamaCppEngine
+from llmserve.engines.llamacpp.inspect import machine_memory
 from llmserve.engines.llamacpp.scheduler import common_prefix_length
 from tests.engine.helpers import Completion, Driver, idle, request, small_engine, wait_for
 
@@ -456,6 +457,8 @@ def test_config_sizes_context_and_slots_from_the_model() -> None:
     assert config.resolve_parallel(4096, smollm_cell, None) == 32  # memory unknown: the cap
     pinned = LlamaCppConfig(model_path="m.gguf", model_id="m", parallel=3)
     assert pinned.resolve_parallel(4096, smollm_cell, 24 * gib) == 3
+    memory = machine_memory()  # this Linux machine's MemTotal (or its cgroup's limit)
+    assert memory is not None and memory >= 1 << 28
 
 
 def test_unified_kv_cache_shares_prefixes_and_forks_choices() -> None:
