@@ -65,6 +65,23 @@ def run_prefill(scheduler: Scheduler, memory: FakeMemory) -> None:
             seq.pending_token = 7  # what sampling would do
 
 
+def admit(scheduler: Scheduler, prompt: list[int]) -> RequestGroup:
+    """Queue a request for `prompt` and run admission."""
+    group = make_group(prompt)
+    scheduler.add(group)
+    scheduler.admit()
+    return group
+
+
+def busy_then_newcomer(
+    scheduler: Scheduler, memory: FakeMemory, busy_prompt: list[int], new_prompt: list[int]
+) -> tuple[RequestGroup, RequestGroup]:
+    """A request prefilled and still running, then a second one admitted beside it."""
+    busy = admit(scheduler, busy_prompt)
+    run_prefill(scheduler, memory)
+    return busy, admit(scheduler, new_prompt)
+
+
 def finish_all(scheduler: Scheduler) -> None:
     for seq in list(scheduler.running):
         scheduler.finish(seq)
@@ -130,13 +147,7 @@ def test_free_slot_with_longest_prefix_is_reused_but_last_token_prefilled() -> N
 def test_prefix_held_by_a_busy_slot_is_copied() -> None:
     scheduler, memory = make_scheduler()
     system = list(range(50, 80))
-    busy = make_group([*system, 1, 2])
-    scheduler.add(busy)
-    scheduler.admit()
-    run_prefill(scheduler, memory)
-    newcomer = make_group([*system, 3, 4])
-    scheduler.add(newcomer)
-    scheduler.admit()
+    busy, newcomer = busy_then_newcomer(scheduler, memory, [*system, 1, 2], [*system, 3, 4])
     source = busy.sequences[0].slot
     target = newcomer.sequences[0].slot
     assert source is not None and target is not None and source is not target
@@ -149,32 +160,18 @@ def test_a_busy_prefix_saving_less_than_the_threshold_is_prefilled_not_copied() 
     """Chat prompts that share only a template header: a whole-stream copy would cost more."""
     scheduler, memory = make_scheduler(min_copy_gain=16)
     header = list(range(50, 60))  # 10 shared tokens, under the 16-token bar
-    busy = make_group([*header, 1, 2])
-    scheduler.add(busy)
-    scheduler.admit()
-    run_prefill(scheduler, memory)
-    newcomer = make_group([*header, 3, 4])
-    scheduler.add(newcomer)
-    scheduler.admit()
+    busy, newcomer = busy_then_newcomer(scheduler, memory, [*header, 1, 2], [*header, 3, 4])
     assert memory.copies == []
     assert newcomer.cached_tokens == 0
     assert newcomer.sequences[0].slot is not busy.sequences[0].slot
-    longer = make_group([*header, 1, 2, 5])  # also under the bar: busy's 12 tokens
-    scheduler.add(longer)
-    scheduler.admit()
+    longer = admit(scheduler, [*header, 1, 2, 5])  # also under the bar: busy's 12 tokens
     assert memory.copies == [] and longer.cached_tokens == 0
 
 
 def test_a_busy_prefix_saving_at_least_the_threshold_is_copied() -> None:
     scheduler, memory = make_scheduler(min_copy_gain=16)
     system = list(range(50, 66))  # exactly 16 shared tokens
-    busy = make_group([*system, 1])
-    scheduler.add(busy)
-    scheduler.admit()
-    run_prefill(scheduler, memory)
-    newcomer = make_group([*system, 3])
-    scheduler.add(newcomer)
-    scheduler.admit()
+    _, newcomer = busy_then_newcomer(scheduler, memory, [*system, 1], [*system, 3])
     assert newcomer.cached_tokens == 16
     assert len(memory.copies) == 1
 
