@@ -84,9 +84,8 @@ HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
 ENTRYPOINT ["llmserve"]
 CMD ["serve"]
 
-# The vLLM engine on NVIDIA GPUs. Written, not built here (no GPU, no registry): it needs the
-# `vllm` extra in pyproject.toml; until that exists pip only warns about an unknown extra, so the
-# import check below fails the build instead of producing an image without vLLM.
+# The vLLM engine on NVIDIA GPUs (the `vllm` extra). Written, not built here (no GPU, no
+# registry); the import check fails the build rather than produce an image without vLLM.
 FROM ${CUDA_BASE} AS cuda
 ARG EXTRA_CA_CERTS=""
 ARG PIP_INDEX_URL=https://pypi.org/simple

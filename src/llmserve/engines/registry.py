@@ -47,5 +47,6 @@ class EngineRegistry:
 def default_registry() -> EngineRegistry:
     """The engines that ship with llmserve."""
     from llmserve.engines.llamacpp.factory import LlamaCppFactory
+    from llmserve.engines.vllm.factory import VllmFactory
 
-    return EngineRegistry([LlamaCppFactory()])
+    return EngineRegistry([LlamaCppFactory(), VllmFactory()])

@@ -56,7 +56,6 @@ from llmserve.engines.registry import EngineRegistry, default_registry
 from llmserve.engines.settings import EngineSettings
 from llmserve.models import leases
 from llmserve.models.catalog import LoraRef, ModelEntry, bare_name
-from llmserve.models.defaults import default_model_path
 from llmserve.models.leases import LeaseCount
 from llmserve.models.registry import (
     LORA_SUFFIXES,
@@ -454,8 +453,9 @@ class ModelManager:
         s = self._settings
         if s.model is None and s.models:
             return s.models[0].model_copy(update={"pinned": True})
-        path = Path(s.model) if s.model else default_model_path()
-        names = s.served_model_name or [path.stem]
+        factory = self.engines.get(s.engine)
+        path = Path(s.model) if s.model else factory.default_model(s.data_path())
+        names = s.served_model_name or [path.name if factory.model_folders else path.stem]
         template = Path(s.chat_template) if s.chat_template else None
         return ModelEntry(
             id=names[0], path=path, aliases=names[1:], chat_template=template, pinned=True

@@ -23,7 +23,6 @@ from pathlib import Path
 
 from llmserve.core.constraints import Constraint
 from llmserve.core.errors import (
-    ContextLengthExceededError,
     EngineError,
     InvalidRequestError,
     LLMServeError,
@@ -42,6 +41,7 @@ from llmserve.engines.llamacpp.model import ContextSettings, LlamaModel
 from llmserve.engines.llamacpp.runner import StepRunner
 from llmserve.engines.llamacpp.sampling import check_grammar
 from llmserve.engines.llamacpp.scheduler import RequestGroup, Scheduler, prefix_copy_threshold
+from llmserve.engines.validation import check_token_ids, validate_request
 
 logger = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ class LlamaCppEngine:
     def generate(self, req: GenerationRequest) -> AsyncIterator[Delta]:
         """Validate now (raising before any delta), then stream the request's deltas."""
         self._ensure_running()
-        max_new_tokens = self._validate(req)
+        max_new_tokens = validate_request(req, self.info, self.parallel)
         with self._cond:
             self._ensure_queue_room()
         return self._stream(req, max_new_tokens)
@@ -180,9 +180,7 @@ class LlamaCppEngine:
     def detokenize(self, ids: list[int]) -> str:
         """Token ids back to text (special tokens rendered)."""
         self._ensure_running()
-        bad = [t for t in ids if not 0 <= t < self.info.vocab_size]
-        if bad:
-            raise InvalidRequestError(f"token ids out of vocabulary: {bad[:5]}", param="tokens")
+        check_token_ids(ids, self.info.vocab_size, "tokens")
         with self._use():
             return self._model.detokenize(ids)
 
@@ -253,65 +251,6 @@ class LlamaCppEngine:
         pending = len(self._inbox) + self._waiting_requests
         if pending - self._snapshot.free_slots >= limit:
             raise QueueFullError(f"{pending} requests are already waiting for {self.info.id}")
-
-    def _validate(self, req: GenerationRequest) -> int:
-        """Check the request against the model; return how many tokens it may generate."""
-        params = req.params
-        prompt = req.prompt_tokens
-        if not prompt:
-            raise InvalidRequestError("the prompt is empty", param="prompt")
-        self._check_token_ids(prompt, "prompt")
-        self._check_token_ids(params.stop_token_ids, "stop_token_ids")
-        self._check_token_ids(params.banned_token_ids, "banned_token_ids")
-        self._check_token_ids(list(params.logit_bias), "logit_bias")
-        if not 1 <= params.n <= self.parallel:
-            raise InvalidRequestError(
-                f"n must be between 1 and {self.parallel} (parallel sequences), got {params.n}",
-                param="n",
-            )
-        for name, value in (
-            ("max_tokens", params.max_tokens),
-            ("logprobs", params.logprobs),
-            ("prompt_logprobs", params.prompt_logprobs),
-            ("min_tokens", params.min_tokens),
-        ):
-            if value is not None and value < 0:
-                raise InvalidRequestError(f"{name} must not be negative", param=name)
-        return self._check_context(len(prompt), params.max_tokens)
-
-    def _check_token_ids(self, ids: list[int] | tuple[int, ...], param: str) -> None:
-        vocab_size = self.info.vocab_size
-        bad = [t for t in ids if not 0 <= t < vocab_size]
-        if bad:
-            raise InvalidRequestError(
-                f"token ids out of the vocabulary (0..{vocab_size - 1}): {bad[:5]}", param=param
-            )
-
-    def _check_context(self, prompt_tokens: int, max_tokens: int | None) -> int:
-        """How many tokens the request may generate; the prompt and the limit must fit.
-
-        A prompt that fills the context by itself is the prompt's fault (`param="prompt"`),
-        whatever `max_tokens` says; a prompt that fits but leaves less room than `max_tokens`
-        asks for is the limit's (`param="max_tokens"`). Dialects rename both to their fields.
-        """
-        ctx_size = self.info.context_length
-        if prompt_tokens >= ctx_size:
-            raise ContextLengthExceededError(
-                f"This model's maximum context length is {ctx_size} tokens, but the prompt "
-                f"alone has {prompt_tokens} tokens, leaving no room for the completion.",
-                param="prompt",
-            )
-        if max_tokens is None:
-            return ctx_size - prompt_tokens
-        if prompt_tokens + max_tokens > ctx_size:
-            raise ContextLengthExceededError(
-                f"This model's maximum context length is {ctx_size} tokens, but "
-                f"{prompt_tokens + max_tokens} were requested ({prompt_tokens} in the prompt "
-                f"+ {max_tokens} to generate); at most {ctx_size - prompt_tokens} can be "
-                "generated after this prompt.",
-                param="max_tokens",
-            )
-        return max_tokens
 
     # -- the asyncio bridge ----------------------------------------------------------------
 

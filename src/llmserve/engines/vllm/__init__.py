@@ -1,0 +1,1 @@
+"""The vLLM engine: vLLM's in-process AsyncLLM behind the Engine contract (optional extra)."""

