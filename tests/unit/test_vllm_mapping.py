@@ -92,3 +92,19 @@ def test_constraints_become_vllm_structured_outputs() -> None:
     assert structured_kwargs(Regex("a+", "guided_regex")) == {"regex": "a+"}
     tool = ToolSchema("f", '{"type":"object"}', "tools[0].function.parameters")
     assert structured_kwargs(ToolCalls((tool,)))["json"]["properties"]["name"] == {"const": "f"}
+
+
+def test_folder_engines_find_hf_folders_in_models_dir(tmp_path: Path) -> None:
+    from llmserve.models.manager import ModelManager
+
+    for folder in ("smol-hf", "family/other-hf"):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "config.json").write_text("{}")
+    (tmp_path / "not-a-model").mkdir()
+    (tmp_path / "file.gguf").write_bytes(b"GGUF")
+    manager = ModelManager(Settings(engine="vllm", models_dir=tmp_path))
+    assert sorted(e.name for e in manager.available()) == ["other-hf", "smol-hf"]
+    factory = default_registry().get("vllm")
+    assert manager._model_path(factory, "other-hf") == (tmp_path / "family/other-hf").absolute()
+    gguf = ModelManager(Settings(models_dir=tmp_path))
+    assert [e.name for e in gguf.available()] == ["file"]

@@ -59,10 +59,13 @@ from llmserve.models.catalog import LoraRef, ModelEntry, bare_name
 from llmserve.models.leases import LeaseCount
 from llmserve.models.registry import (
     LORA_SUFFIXES,
+    MODEL_FOLDER_MARKER,
     PRESET_SUFFIXES,
     FileEntry,
     list_files,
+    list_folders,
     resolve_file,
+    resolve_folder,
 )
 
 log = logging.getLogger(__name__)
@@ -229,8 +232,11 @@ class ModelManager:
         return [default, *rest] if default is not None else rest
 
     def available(self) -> list[FileEntry]:
-        """Every model file of the configured engine in the models folder (and sub-folders)."""
-        return list_files(self._settings.models_dir, self._model_suffixes())
+        """Every model of the configured engine in the models folder (and sub-folders)."""
+        factory = self.engines.get(self._settings.engine)
+        if factory.model_folders:
+            return list_folders(self._settings.models_dir, MODEL_FOLDER_MARKER)
+        return list_files(self._settings.models_dir, factory.model_suffixes)
 
     def configured(self) -> list[ModelEntry]:
         """The configured models: the start-up one first, then config.yml's `models:`."""
@@ -299,9 +305,6 @@ class ModelManager:
                 return entry.preset
         model = self._stand_in() if requested is not None else self._default()
         return model.preset if model is not None else None
-
-    def _model_suffixes(self) -> tuple[str, ...]:
-        return self.engines.get(self._settings.engine).model_suffixes
 
     def live_engines(self) -> int:
         """Engines not yet closed: serving plus draining (tests bound this)."""
@@ -528,8 +531,7 @@ class ModelManager:
         engine = self.engine_settings({**entry.engine_overrides(), **overrides})
         path = entry.path
         if path is None:
-            suffixes = self.engines.get(engine.engine).model_suffixes
-            path = resolve_file(self._settings.models_dir, entry.id, suffixes, "model")
+            path = self._model_path(self.engines.get(engine.engine), entry.id)
         keep_alive = entry.keep_alive if "keep_alive" in entry.model_fields_set else None
         return LoadSource(
             path=path,
@@ -541,6 +543,13 @@ class ModelManager:
             loras=self._lora_specs(entry.id, entry.loras),
             preset=self._preset(entry),
         )
+
+    def _model_path(self, factory: EngineFactory, name: str) -> Path:
+        """The model called `name` in models_dir: a file, or a folder for folder engines."""
+        root = self._settings.models_dir
+        if factory.model_folders:
+            return resolve_folder(root, name, MODEL_FOLDER_MARKER, "model")
+        return resolve_file(root, name, factory.model_suffixes, "model")
 
     async def _load_once(self, entry: ModelEntry) -> LoadedModel:
         """Load `entry` on demand; requests naming it meanwhile wait for the same load.

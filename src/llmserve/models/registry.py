@@ -9,6 +9,7 @@ from llmserve.core.errors import InvalidRequestError, NotFoundError
 
 LORA_SUFFIXES = (".gguf",)
 PRESET_SUFFIXES = (".yml", ".yaml")
+MODEL_FOLDER_MARKER = "config.json"  # what makes a folder a Hugging Face model
 
 
 @dataclass(frozen=True)
@@ -31,12 +32,40 @@ def list_files(root: Path, suffixes: tuple[str, ...], depth: int = 1) -> list[Fi
     return found
 
 
-def resolve_file(root: Path, name: str, suffixes: tuple[str, ...], what: str) -> Path:
-    """The file called `name` inside `root`; names never escape the folder."""
+def list_folders(root: Path, marker: str, depth: int = 1) -> list[FileEntry]:
+    """Folders holding a `marker` file (an HF model's config.json) in `root` and sub-folders."""
+    if not root.is_dir():
+        return []
+    found = []
+    for path in sorted(root.rglob(marker)):
+        folder = path.parent
+        if folder != root and len(folder.relative_to(root).parts) <= depth + 1:
+            found.append(FileEntry(folder.name, folder))
+    return found
+
+
+def resolve_folder(root: Path, name: str, marker: str, what: str) -> Path:
+    """The folder called `name` inside `root` that holds `marker`; names never escape it."""
+    _check_name(root, name, what)
+    candidate = root / name
+    if (candidate / marker).is_file():
+        return candidate.absolute()
+    for entry in list_folders(root, marker):
+        if entry.name == name:
+            return entry.path.absolute()
+    raise NotFoundError(f"no {what} called {name!r} in {root}", param="name")
+
+
+def _check_name(root: Path, name: str, what: str) -> None:
     if not name or Path(name).is_absolute() or ".." in Path(name).parts or "\\" in name:
         raise InvalidRequestError(
             f"{what} names are plain names inside {root}, got {name!r}", param="name"
         )
+
+
+def resolve_file(root: Path, name: str, suffixes: tuple[str, ...], what: str) -> Path:
+    """The file called `name` inside `root`; names never escape the folder."""
+    _check_name(root, name, what)
     # The name check above keeps lookups inside `root`; symlinks placed there by the admin are
     # followed on purpose (models often live elsewhere on disk).
     for candidate in [root / name, *(root / f"{name}{suffix}" for suffix in suffixes)]:
