@@ -104,6 +104,8 @@ class VllmEngine:
         self._ids = itertools.count()
         self._requests: dict[str, list[str]] = {}  # client request id -> engine ids
         self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop vLLM's outputs run on
+        self._tasks: set[asyncio.Task[None]] = set()  # aborts in flight (kept referenced)
 
     @classmethod
     def load(cls, settings: VllmSettings, path: Path, model_id: str) -> VllmEngine:
@@ -160,8 +162,15 @@ class VllmEngine:
     def abort(self, request_id: str) -> None:
         """Stop a request at vLLM's next step; its stream ends with FinishReason.ABORT."""
         engine_ids = self._requests.get(request_id)
-        if engine_ids:
-            asyncio.get_running_loop().create_task(self._llm.abort(list(engine_ids)))
+        if engine_ids and self._loop is not None:
+            # Callable from any thread: vLLM's abort is a coroutine of the serving loop.
+            ids = list(engine_ids)
+            self._loop.call_soon_threadsafe(lambda: self._tasks.add(self._abort_task(ids)))
+
+    def _abort_task(self, engine_ids: list[str]) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.ensure_future(self._llm.abort(engine_ids))
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     def stats(self) -> EngineStats:
         """vLLM's latest scheduler state and this engine's token counters."""
@@ -236,6 +245,7 @@ class VllmEngine:
             top_prompt_logprobs=req.params.prompt_logprobs or 0,
             constraint_param=constraint.param if (constraint := req.params.constraint) else None,
         )
+        self._loop = asyncio.get_running_loop()
         self._requests.setdefault(req.request_id, []).append(state.engine_id)
         prompt = {"prompt_token_ids": list(req.prompt_tokens)}
         outputs = self._llm.generate(prompt, params, request_id=state.engine_id)
