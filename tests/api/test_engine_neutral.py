@@ -41,24 +41,29 @@ import importlib, importlib.abc, pkgutil, sys
 
 class Blocked(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("llama_cpp", "gguf"):
+        if name.split(".")[0] in ("llama_cpp", "gguf", "vllm", "transformers", "torch"):
             raise ImportError(f"{name} is blocked in this test")
         return None
 
 sys.meta_path.insert(0, Blocked())
 import llmserve
-# llama.cpp's own modules need it; everything else (its settings, config, factory too) must not.
-ENGINE_MODULES = ("adapters", "batch", "embedding", "engine", "grammar", "inspect", "model",
-                  "runner", "sampling", "scheduler", "gguf_header", "regex_gbnf")
+# The engines' own modules need their libraries; everything else (their settings, config,
+# factories too) must not. vLLM's other modules import it only inside the functions that use it.
+ENGINE_MODULES = {
+    "llamacpp": ("adapters", "batch", "embedding", "engine", "grammar", "inspect", "model",
+                 "runner", "sampling", "scheduler", "gguf_header", "regex_gbnf"),
+    "vllm": ("engine",),
+}
 imported = []
 for info in pkgutil.walk_packages(llmserve.__path__, "llmserve."):
     parts = info.name.split(".")
-    in_engine = parts[1:3] == ["engines", "llamacpp"] and parts[-1] in ENGINE_MODULES
+    package = parts[2] if len(parts) > 3 and parts[1] == "engines" else ""
+    in_engine = parts[-1] in ENGINE_MODULES.get(package, ())
     if parts[-1] == "__main__" or in_engine:
         continue
     importlib.import_module(info.name)
     imported.append(info.name)
-assert "llama_cpp" not in sys.modules and "gguf" not in sys.modules
+assert not {"llama_cpp", "gguf", "vllm", "transformers", "torch"} & set(sys.modules)
 from llmserve.app import create_app
 from llmserve.config import Settings
 create_app(Settings(disable_auth=True))
@@ -95,7 +100,14 @@ class EchoFactory:
     name: str = "echo"
     settings_type: type[EchoSettings] = EchoSettings
     model_suffixes: tuple[str, ...] = (".echo",)
+    model_folders: bool = False
     loaded: list[EchoSettings] = dataclasses.field(default_factory=list)
+
+    def default_model(self, data_dir: Path) -> Path:
+        return data_dir / "default.echo"
+
+    def prepare_default_model(self, data_dir: Path) -> Path:
+        return self.default_model(data_dir)
 
     def check(self, settings: EchoSettings, path: Path, model_id: str) -> int:
         if path.suffix != ".echo" or not path.is_file():
