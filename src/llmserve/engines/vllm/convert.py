@@ -14,11 +14,11 @@ import tempfile
 from pathlib import Path
 
 from llmserve.models.defaults import default_model_path
+from llmserve.models.registry import MODEL_FOLDER_MARKER
 
 log = logging.getLogger(__name__)
 
 CONVERTED_DIR = "converted"
-COMPLETE_MARKER = "config.json"  # written last by save_pretrained's callers below
 
 
 def default_hf_model(data_dir: Path) -> Path:
@@ -29,7 +29,7 @@ def default_hf_model(data_dir: Path) -> Path:
 def ensure_default_hf_model(data_dir: Path) -> Path:
     """The bundled model's HF folder, converted from its GGUF on first use."""
     target = default_hf_model(data_dir)
-    if not (target / COMPLETE_MARKER).is_file():
+    if not (target / MODEL_FOLDER_MARKER).is_file():
         convert_gguf(default_model_path(), target)
     return target
 

