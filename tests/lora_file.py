@@ -1,4 +1,5 @@
-"""Write small LoRA adapter GGUFs for the bundled SmolLM2-135M model (no download needed).
+"""Write small LoRA adapters for the bundled SmolLM2-135M model (no download needed): GGUF
+files for llama.cpp, PEFT folders for vLLM.
 
 llama.cpp adds `scale * alpha / rank * B @ A @ x` to a weight's output. In GGUF (and ggml)
 dimensions are listed innermost first, the reverse of numpy's: for a weight W of ggml shape
@@ -8,6 +9,7 @@ dimensions are listed innermost first, the reverse of numpy's: for a weight W of
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -65,3 +67,39 @@ def write_lora(
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+# PEFT's names for the same weights (Hugging Face module paths) and its layout: lora_A is
+# (rank, n_in), lora_B (n_out, rank); PEFT adds alpha / rank * B @ A @ x.
+PEFT_TARGETS = {"attn_q": "q_proj", "attn_v": "v_proj"}
+
+
+def write_peft_lora(
+    folder: Path,
+    tensors: Tensors | None = None,
+    *,
+    rank: int = 4,
+    alpha: float = 4.0,
+    zero: bool = False,
+) -> Path:
+    """Write a PEFT LoRA folder for the converted SmolLM2 (`zero`: B = 0, a no-op adapter)."""
+    from safetensors.numpy import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    weights: Tensors = {}
+    for name, array in (smol_lora_tensors(rank=rank) if tensors is None else tensors).items():
+        _, layer, target, _, part = name.split(".")
+        module = f"base_model.model.model.layers.{layer}.self_attn.{PEFT_TARGETS[target]}"
+        suffix = "lora_A" if part == "lora_a" else "lora_B"
+        weights[f"{module}.{suffix}.weight"] = array * 0 if zero and suffix == "lora_B" else array
+    save_file(weights, str(folder / "adapter_model.safetensors"))
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": rank,
+        "lora_alpha": alpha,
+        "target_modules": sorted(PEFT_TARGETS.values()),
+        "bias": "none",
+    }
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return folder

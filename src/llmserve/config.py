@@ -72,7 +72,10 @@ class Settings(BaseSettings, EngineOptions):
     models_dir: Path = Field(
         Path("models"), description="Folder of loadable GGUF models (and one level of sub-folders)."
     )
-    loras_dir: Path = Field(Path("loras"), description="Folder of LoRA adapter GGUFs.")
+    loras_dir: Path = Field(
+        Path("loras"),
+        description="Folder of LoRA adapters: GGUF files (llama.cpp), PEFT folders (vLLM).",
+    )
     templates_dir: Path = Field(Path("templates"), description="Folder of Jinja chat templates.")
     sampler_overrides_dir: Path = Field(
         Path("sampler_overrides"), description="Folder of YAML sampling presets."

@@ -16,7 +16,7 @@ from llmserve.app import create_app
 from llmserve.config import Settings
 from llmserve.models.defaults import default_model_path
 from tests.conftest import TEST_SETTINGS
-from tests.lora_file import write_lora
+from tests.lora_file import write_lora, write_peft_lora
 from tests.server import RunningServer, serve
 
 API_KEY = "api-key-for-tests"
@@ -38,6 +38,7 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (models / "truncated.gguf").write_bytes(src.read(4 << 20))
     write_lora(root / "loras" / "smol-lora.gguf")
     (root / "loras" / "broken.gguf").write_text("not an adapter\n")
+    write_peft_lora(root / "loras" / "peft-folder")  # vLLM's kind: listed, refused by llama.cpp
     (root / "templates").mkdir()
     (root / "templates" / "plain.jinja").write_text(
         "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -274,7 +275,10 @@ def lora_listing(server: RunningServer, headers: dict[str, str]) -> dict[str, tu
 
 def test_lora_load_list_and_unload(server: RunningServer) -> None:
     original = chat_text(server)
-    assert lora_listing(server, ADMIN) == {"broken": (False, None), "smol-lora": (False, None)}
+    inactive = (False, None)
+    assert lora_listing(server, ADMIN) == dict.fromkeys(
+        ["broken", "peft-folder", "smol-lora"], inactive
+    )
     assert lora_listing(server, API) == {}
     load = {"loras": [{"name": "smol-lora", "scaling": 1.0}]}
     assert post(server, "/v1/lora/load", load, ADMIN).status_code == 200
@@ -285,6 +289,8 @@ def test_lora_load_list_and_unload(server: RunningServer) -> None:
     refused = post(server, "/v1/lora/load", {"loras": [{"name": "broken"}]}, ADMIN)
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "loras"
     assert post(server, "/v1/lora/load", {"loras": [{"name": "nope"}]}, ADMIN).status_code == 404
+    folder = post(server, "/v1/lora/load", {"loras": [{"name": "peft-folder"}]}, ADMIN)
+    assert folder.status_code == 400 and "GGUF" in folder.json()["error"]["message"]
     assert lora_listing(server, API) == {"smol-lora": (True, 1.0)}
     assert chat_text(server) == adapted
     assert post(server, "/v1/lora/unload", {}, ADMIN).json()["status"] == "unloaded"

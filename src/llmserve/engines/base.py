@@ -13,6 +13,9 @@ from llmserve.core.constraints import ConstraintKind
 from llmserve.core.errors import InvalidRequestError
 from llmserve.core.request import Delta, GenerationRequest
 
+MODEL_FOLDER_MARKER = "config.json"  # what makes a folder a Hugging Face model
+ADAPTER_FOLDER_MARKER = "adapter_config.json"  # and a folder a PEFT adapter (vLLM's LoRAs)
+
 
 class InvalidModelFileError(InvalidRequestError):
     """The file is not a model the engine can load (400: the old model keeps serving)."""

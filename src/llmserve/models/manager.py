@@ -46,6 +46,7 @@ from llmserve.core.templates import (
     read_template_file,
 )
 from llmserve.engines.base import (
+    MODEL_FOLDER_MARKER,
     AdapterSpec,
     Engine,
     EngineFactory,
@@ -58,12 +59,11 @@ from llmserve.models import leases
 from llmserve.models.catalog import LoraRef, ModelEntry, bare_name
 from llmserve.models.leases import LeaseCount
 from llmserve.models.registry import (
-    LORA_SUFFIXES,
-    MODEL_FOLDER_MARKER,
     PRESET_SUFFIXES,
     FileEntry,
     list_files,
     list_folders,
+    resolve_adapter,
     resolve_file,
     resolve_folder,
 )
@@ -509,8 +509,8 @@ class ModelManager:
             raise type(exc)(message, param="loras", code=exc.code) from None
 
     def lora_file(self, name: str) -> Path:
-        """The adapter file called `name` in loras_dir."""
-        return resolve_file(self._settings.loras_dir, name, LORA_SUFFIXES, "LoRA")
+        """The adapter called `name` in loras_dir (a GGUF file or a PEFT folder)."""
+        return resolve_adapter(self._settings.loras_dir, name)
 
     def _preset(self, entry: ModelEntry) -> str | None:
         """The entry's preset, checked: its file exists and is a valid preset (else 4xx)."""

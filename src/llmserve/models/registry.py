@@ -6,10 +6,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmserve.core.errors import InvalidRequestError, NotFoundError
+from llmserve.engines.base import ADAPTER_FOLDER_MARKER
 
 LORA_SUFFIXES = (".gguf",)
 PRESET_SUFFIXES = (".yml", ".yaml")
-MODEL_FOLDER_MARKER = "config.json"  # what makes a folder a Hugging Face model
 
 
 @dataclass(frozen=True)
@@ -75,3 +75,18 @@ def resolve_file(root: Path, name: str, suffixes: tuple[str, ...], what: str) ->
         if entry.name == name:
             return entry.path.absolute()
     raise NotFoundError(f"no {what} called {name!r} in {root}", param="name")
+
+
+def list_adapters(root: Path) -> list[FileEntry]:
+    """LoRA adapters in `root`: GGUF files (llama.cpp) and PEFT folders (vLLM), by name."""
+    entries = list_files(root, LORA_SUFFIXES) + list_folders(root, ADAPTER_FOLDER_MARKER)
+    return sorted(entries, key=lambda entry: entry.name)
+
+
+def resolve_adapter(root: Path, name: str) -> Path:
+    """The adapter called `name` in `root`: a GGUF file, else a PEFT folder (the engine checks
+    it is the kind it takes)."""
+    try:
+        return resolve_file(root, name, LORA_SUFFIXES, "LoRA")
+    except NotFoundError:
+        return resolve_folder(root, name, ADAPTER_FOLDER_MARKER, "LoRA")

@@ -38,7 +38,7 @@ from llmserve.config import Settings
 from llmserve.core.errors import InvalidRequestError, LLMServeError
 from llmserve.core.templates import read_template_file
 from llmserve.models.manager import LoadedModel, ModelManager, ProgressCallback
-from llmserve.models.registry import LORA_SUFFIXES, PRESET_SUFFIXES, list_files, resolve_file
+from llmserve.models.registry import PRESET_SUFFIXES, list_adapters, list_files, resolve_file
 
 TEMPLATE_SUFFIXES = (".jinja", ".j2", ".txt")
 LOAD_STAGES = ("validating", "loading", "ready")
@@ -129,9 +129,7 @@ class AdminServing:
         """A model's active adapters; with the admin key, every adapter in the folder too."""
         model = self.models.target(model_name)
         active = model.loras
-        names = (
-            [e.name for e in list_files(self.settings.loras_dir, LORA_SUFFIXES)] if admin else []
-        )
+        names = [e.name for e in list_adapters(self.settings.loras_dir)] if admin else []
         names += [n for n in active if n not in names]
         return LoraList(
             model=model.id,

@@ -107,6 +107,11 @@ def _stat(path: Path) -> os.stat_result:
         stat = path.stat()
     except OSError as exc:
         raise _refuse(f"LoRA adapter file not found: {path.name}") from exc
+    if path.is_dir():
+        raise _refuse(
+            f"{path.name} is a folder (a PEFT adapter?); the llama.cpp engine takes LoRA GGUF "
+            "files (llama.cpp's convert_lora_to_gguf.py makes one from a PEFT folder)"
+        )
     if not path.is_file():
         raise _refuse(f"{path.name} is not a file")
     return stat

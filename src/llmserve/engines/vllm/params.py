@@ -56,7 +56,7 @@ SUPPORTED_SAMPLERS = frozenset(
 CAPABILITIES = Capabilities(
     constraints=frozenset(ConstraintKind),
     samplers=SUPPORTED_SAMPLERS,
-    adapters=False,
+    adapters=True,  # PEFT folders, when the engine was started with enable_lora
     embeddings=False,
 )
 

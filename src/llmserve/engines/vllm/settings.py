@@ -46,6 +46,14 @@ class VllmSettings(EngineSettings):
         False,
         description="vLLM: no torch.compile or CUDA graphs (starts much faster, runs slower).",
     )
+    enable_lora: bool = Field(
+        False,
+        description="vLLM: serve LoRA adapters (PEFT folders in loras_dir, one at a time); "
+        "reserves memory for them and slows every step a little.",
+    )
+    max_lora_rank: int = Field(
+        16, ge=1, le=512, description="vLLM: the largest adapter rank it can apply (enable_lora)."
+    )
     vllm_args: list[str] = Field(
         [],
         description="vLLM: any other engine argument as NAME=VALUE (VALUE read as JSON when it "
