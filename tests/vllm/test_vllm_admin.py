@@ -1,7 +1,8 @@
-"""LoRA on the vLLM engine: PEFT folders from loras_dir through the admin API, on the real model.
+"""The admin API on the vLLM engine: LoRA adapters (PEFT folders) and engine settings vLLM
+cannot run, on the real model.
 
 Runs in the vLLM half (LLMSERVE_TEST_ENGINE=vllm) on its own server started with enable_lora;
-on llama.cpp the module skips (tests/admin/test_admin.py covers its GGUF adapters).
+on llama.cpp the module skips (tests/admin/test_admin.py covers its GGUF adapters and loads).
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_lora(loras / "ggml.gguf")  # llama.cpp's kind
     (loras / "broken").mkdir()
     (loras / "broken" / "adapter_config.json").write_text("{")
+    (root / "models").mkdir()
+    (root / "models" / "smol-hf").symlink_to(TEST_SETTINGS["model"], target_is_directory=True)
     tokens = {"api_key": API_KEY, "admin_key": ADMIN_KEY}
     (root / "api_tokens.yml").write_text(yaml.safe_dump(tokens))
     return root
@@ -52,6 +55,7 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def server(home: Path) -> Iterator[RunningServer]:
     settings = Settings(
         loras_dir=home / "loras",
+        models_dir=home / "models",
         api_tokens_file=home / "api_tokens.yml",
         **{**TEST_SETTINGS, "enable_lora": True, "max_lora_rank": 16},
     )
@@ -141,3 +145,26 @@ def test_an_engine_started_without_lora_support_says_how_to_get_it(
     with pytest.raises(InvalidRequestError, match="--enable-lora") as caught:
         asyncio.run(engine.set_adapters([spec]))
     assert caught.value.param == "loras"
+
+
+UNRUNNABLE = {
+    "heads not divisible": ({"tensor_parallel_size": 2}, None, "divisible by tensor parallel"),
+    "ray on CPU": (
+        {"distributed_executor_backend": "ray"},
+        "distributed_executor_backend",
+        "cannot run on Ray",
+    ),
+    "pipeline on CPU": ({"pipeline_parallel_size": 2}, "pipeline_parallel_size", "use 1 on CPU"),
+}
+
+
+@pytest.mark.parametrize(("overrides", "param", "message"), UNRUNNABLE.values(), ids=UNRUNNABLE)
+def test_settings_vllm_cannot_run_are_a_400_before_it_starts(
+    server: RunningServer, overrides: dict[str, Any], param: str | None, message: str
+) -> None:
+    body = {"model_name": "smol-hf", **overrides}
+    r = httpx.post(server.url + "/v1/model/load", json=body, headers=ADMIN, timeout=300)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and message in error["message"], error
+    assert text(server)  # the loaded model still serves
