@@ -489,15 +489,40 @@ async def run_level(
 
 
 def process_cpu_s(pid: int | None) -> float | None:
-    """User + system CPU seconds of every thread of process `pid` so far (None: unknown)."""
+    """User + system CPU seconds so far of process `pid` and every process it started (vLLM's
+    engine core and workers run in children), all threads; None: unknown."""
     if pid is None:
         return None
+    own = _own_cpu_s(pid)
+    if own is None:
+        return None
+    return own + sum(_own_cpu_s(kid) or 0.0 for kid in child_pids(pid))
+
+
+def _own_cpu_s(pid: int) -> float | None:
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     except OSError:
         return None
     # After the command name: utime and stime are fields 14 and 15 of the whole line.
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def child_pids(pid: int) -> list[int]:
+    """The PIDs of `pid`'s children, grandchildren, ... (from /proc)."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        parents.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = parents.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
 
 
 async def warm_up(client: httpx.AsyncClient, cfg: BenchConfig) -> None:
@@ -657,7 +682,8 @@ def engine_lines(levels: Sequence[LevelSummary], decode_threads: int | None = No
                 f"process CPU {lv.cpu_s:.1f} s ({lv.cpu_s / lv.output_tokens * 1000:.1f} ms "
                 "per output token)"
             )
-        if lv.engine is not None and lv.engine.steps:
+        # Step time is llama.cpp's (the vLLM engine counts steps but times none).
+        if lv.engine is not None and lv.engine.steps and lv.engine.busy_s > 0:
             parts.append(
                 f"{lv.engine.steps} engine steps, mean {lv.engine.mean_step_ms:.1f} ms, "
                 f"{lv.engine.overhead_share:.1%} of step time outside llama_decode"

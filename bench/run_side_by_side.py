@@ -338,29 +338,12 @@ def kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
-def child_pids(pid: int) -> list[int]:
-    """The PIDs of `pid`'s children, grandchildren, ... (from /proc)."""
-    parents: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rpartition(")")[2].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        parents.setdefault(ppid, []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        kids = parents.get(todo.pop(), [])
-        found += kids
-        todo += kids
-    return found
-
-
 def peak_rss_mb(pid: int) -> float | None:
     """Peak RSS (VmHWM) of `pid` plus that of each process it started (vLLM's engine core)."""
     own = load.proc_status_kb(pid, "VmHWM")
     if own is None:
         return None
-    kids = (load.proc_status_kb(kid, "VmHWM") for kid in child_pids(pid))
+    kids = (load.proc_status_kb(kid, "VmHWM") for kid in load.child_pids(pid))
     return (own + sum(kb for kb in kids if kb is not None)) / 1024
 
 

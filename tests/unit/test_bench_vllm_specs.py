@@ -6,6 +6,9 @@ Nothing is started: the specs are built from parsed flags and their templates re
 from __future__ import annotations
 
 import importlib
+import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -115,3 +118,23 @@ def test_missing_paths_fail_clearly(bench: ModuleType, argv: list[str], message:
 def test_shown_command_puts_environment_first(bench: ModuleType) -> None:
     run = bench.ServerRun("vllm", ["python", "-m", "x"], "log", env={"A": "1"})
     assert bench.shown_command(run) == "A=1 python -m x"
+
+
+BURN_THEN_WAIT = "sum(range(30_000_000)); print('burnt', flush=True); import time; time.sleep(60)"
+
+
+def test_server_cpu_counts_the_processes_it_started(bench: ModuleType) -> None:
+    """vLLM's engine core runs in a child: its CPU time is the server's too."""
+    load = sys.modules["load"]
+    child = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {BURN_THEN_WAIT!r}])"
+    proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "burnt"
+        (kid,) = load.child_pids(proc.pid)
+        whole, own_kid = load.process_cpu_s(proc.pid), load.process_cpu_s(kid)
+        assert whole is not None and own_kid is not None and own_kid > 0.1
+        assert whole >= own_kid
+    finally:
+        for pid in [*load.child_pids(proc.pid), proc.pid]:
+            os.kill(pid, signal.SIGKILL)
+        proc.wait()
