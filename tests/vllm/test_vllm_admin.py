@@ -8,6 +8,8 @@ on llama.cpp the module skips (tests/admin/test_admin.py covers its GGUF adapter
 from __future__ import annotations
 
 import asyncio
+import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -168,3 +170,33 @@ def test_settings_vllm_cannot_run_are_a_400_before_it_starts(
     error = r.json()["error"]
     assert error["param"] == param and message in error["message"], error
     assert text(server)  # the loaded model still serves
+
+
+def test_swap_while_another_client_streams(server: RunningServer) -> None:
+    """A load replaces the model; a stream already running on the old one finishes whole."""
+    chunks: list[dict[str, Any]] = []
+
+    def stream() -> None:
+        body = {"prompt": "Once upon a time", "max_tokens": 100, "ignore_eos": True, "stream": True}
+        with httpx.stream(
+            "POST", server.url + "/v1/completions", json=body, headers=API, timeout=300
+        ) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    chunks.append(json.loads(line[6:]))
+
+    before = httpx.get(server.url + "/v1/model", headers=API, timeout=60).json()["id"]
+    streamer = threading.Thread(target=stream)
+    streamer.start()
+    try:
+        body = {"model_name": "smol-hf", "max_seq_len": 1024, "enable_lora": True}
+        r = httpx.post(server.url + "/v1/model/load", json=body, headers=ADMIN, timeout=600)
+        assert r.status_code == 200, r.text
+    finally:
+        streamer.join(timeout=300)
+    card = httpx.get(server.url + "/v1/model", headers=API, timeout=60).json()
+    assert (card["id"], card["context_length"]) == ("smol-hf", 1024)
+    assert chunks[0]["model"] == before != "smol-hf"
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert sum(1 for c in chunks if c["choices"] and c["choices"][0]["text"]) >= 90
+    assert text(server)  # the new model serves

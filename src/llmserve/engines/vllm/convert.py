@@ -49,7 +49,9 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
     scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         folder, name = str(gguf.parent), gguf.name
+        log.info("converting, step 1 of 3: the tokenizer")
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        log.info("converting, step 2 of 3: dequantizing the weights to bfloat16")
         model = AutoModelForCausalLM.from_pretrained(
             folder,
             gguf_file=name,
@@ -60,6 +62,7 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.hf_quantizer = None
+        log.info("converting, step 3 of 3: writing safetensors and the tokenizer")
         model.save_pretrained(scratch)
         tokenizer.save_pretrained(scratch)
         if target.exists():
