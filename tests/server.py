@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import threading
@@ -10,6 +11,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import uvicorn
@@ -74,3 +76,15 @@ def _wait(server: RunningServer, wait_ready: bool, timeout: float) -> None:
             pass
         time.sleep(0.05)
     raise TimeoutError(f"test server on port {server.port} did not become ready")
+
+
+def sse_chunks(
+    url: str, body: dict[str, Any], headers: dict[str, str] | None = None, timeout: float = 120
+) -> list[dict[str, Any]]:
+    """POST `body` to `url` and read the stream: the JSON of each `data:` event but [DONE]."""
+    chunks = []
+    with httpx.stream("POST", url, json=body, headers=headers, timeout=timeout) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunks.append(json.loads(line[6:]))
+    return chunks

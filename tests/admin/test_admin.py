@@ -17,7 +17,7 @@ from llmserve.config import Settings
 from llmserve.models.defaults import default_model_path
 from tests.conftest import TEST_SETTINGS
 from tests.lora_file import write_lora, write_peft_lora
-from tests.server import RunningServer, serve
+from tests.server import RunningServer, serve, sse_chunks
 
 API_KEY = "api-key-for-tests"
 ADMIN_KEY = "admin-key-for-tests"
@@ -153,12 +153,7 @@ def test_swap_while_another_client_streams(server: RunningServer) -> None:
 
     def stream() -> None:
         body = {"prompt": "Once upon a time", "max_tokens": 120, "ignore_eos": True, "stream": True}
-        with httpx.stream(
-            "POST", server.url + "/v1/completions", json=body, headers=API, timeout=120
-        ) as r:
-            for line in r.iter_lines():
-                if line.startswith("data: ") and line != "data: [DONE]":
-                    chunks.append(json.loads(line[6:]))
+        chunks.extend(sse_chunks(server.url + "/v1/completions", body, API, timeout=120))
 
     streamer = threading.Thread(target=stream)
     streamer.start()

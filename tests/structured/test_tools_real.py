@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 import openai
 
-from tests.server import RunningServer
+from tests.server import RunningServer, sse_chunks
 
 WEATHER: dict[str, Any] = {
     "type": "function",
@@ -102,13 +102,7 @@ def test_stream_chunks_have_openai_shape(real_server: RunningServer) -> None:
         "max_tokens": 48,
         "temperature": 0,
     }
-    chunks = []
-    with httpx.stream(
-        "POST", f"{real_server.url}/v1/chat/completions", json=body, timeout=300
-    ) as response:
-        for line in response.iter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                chunks.append(json.loads(line[6:]))
+    chunks = sse_chunks(f"{real_server.url}/v1/chat/completions", body, timeout=300)
     deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
     assert deltas[0] == {"role": "assistant", "content": ""}  # as without tools
     calls = [entry for d in deltas for entry in d.get("tool_calls", [])]

@@ -8,7 +8,6 @@ on llama.cpp the module skips (tests/admin/test_admin.py covers its GGUF adapter
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +24,7 @@ from llmserve.engines.base import AdapterSpec
 from llmserve.models.manager import ModelManager
 from tests.conftest import TEST_ENGINE, TEST_SETTINGS
 from tests.lora_file import write_lora, write_peft_lora
-from tests.server import RunningServer, serve
+from tests.server import RunningServer, serve, sse_chunks
 
 pytestmark = pytest.mark.skipif(TEST_ENGINE != "vllm", reason="tests of the vLLM engine")
 
@@ -178,12 +177,7 @@ def test_swap_while_another_client_streams(server: RunningServer) -> None:
 
     def stream() -> None:
         body = {"prompt": "Once upon a time", "max_tokens": 100, "ignore_eos": True, "stream": True}
-        with httpx.stream(
-            "POST", server.url + "/v1/completions", json=body, headers=API, timeout=300
-        ) as r:
-            for line in r.iter_lines():
-                if line.startswith("data: ") and line != "data: [DONE]":
-                    chunks.append(json.loads(line[6:]))
+        chunks.extend(sse_chunks(server.url + "/v1/completions", body, API, timeout=300))
 
     before = httpx.get(server.url + "/v1/model", headers=API, timeout=60).json()["id"]
     streamer = threading.Thread(target=stream)

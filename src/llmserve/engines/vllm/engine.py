@@ -211,37 +211,29 @@ class VllmEngine:
         Requests already running keep the adapter they started with. vLLM reads the folder
         now (add_lora), so a bad adapter is a 400 here rather than a failure of the next request.
         """
-        if not adapters:
-            self._lora = None
-            return
-        if not self.settings.enable_lora:
+        if adapters and not self.settings.enable_lora:
             raise InvalidRequestError(
                 f"{self.info.id} runs on vLLM without LoRA support: load it with enable_lora "
                 "(--enable-lora) to apply adapters",
                 param="loras",
             )
         adapter = await asyncio.to_thread(check_adapters, adapters, self.settings.max_lora_rank)
-        if adapter is None:
-            return
-        request = self._lora_request(adapter)
-        await self._add_lora(request, adapter.name)
-        self._lora = request
+        self._lora = None if adapter is None else await self._add_lora(adapter)
 
-    def _lora_request(self, adapter: PeftAdapter) -> LoRARequest:
-        """vLLM's handle on `adapter`: one id per folder and contents (a changed folder is new)."""
+    async def _add_lora(self, adapter: PeftAdapter) -> LoRARequest:
+        """Have vLLM read `adapter`: one id per folder and contents (a changed folder is new)."""
         key = (adapter.path, adapter.signature)
         lora_id = self._lora_ids.setdefault(key, len(self._lora_ids) + 1)
-        return LoRARequest(f"{adapter.name}-{lora_id}", lora_id, adapter.path)
-
-    async def _add_lora(self, request: LoRARequest, name: str) -> None:
+        request = LoRARequest(f"{adapter.name}-{lora_id}", lora_id, adapter.path)
         try:
             await self._llm.add_lora(request)
         except EngineDeadError:
-            raise EngineError(f"vLLM's engine core for {self.info.id} died") from None
+            raise self._died() from None
         except Exception as exc:  # vLLM relays a worker's failure to load as a bare Exception
             raise InvalidRequestError(
-                f"vLLM could not load the LoRA adapter {name}: {exc}", param="loras"
+                f"vLLM could not load the LoRA adapter {adapter.name}: {exc}", param="loras"
             ) from None
+        return request
 
     async def embed(
         self, prompts: Sequence[list[int]], normalize: bool = True
@@ -257,6 +249,9 @@ class VllmEngine:
         await asyncio.to_thread(self._llm.shutdown)
 
     # -- checks ----------------------------------------------------------------------------
+
+    def _died(self) -> EngineError:
+        return EngineError(f"vLLM's engine core for {self.info.id} died")
 
     def _ensure_running(self) -> None:
         if self._closed or self._llm.errored:
@@ -316,7 +311,7 @@ class VllmEngine:
             param = params.constraint.param if params.constraint is not None else None
             raise InvalidRequestError(str(exc), param=param) from None
         except EngineDeadError:
-            raise EngineError(f"vLLM's engine core for {self.info.id} died") from None
+            raise self._died() from None
 
     def _deltas(self, state: RequestState, output: Any, first: bool) -> list[Delta]:
         """llmserve's deltas for one vLLM RequestOutput; usage rides on the request's last."""
